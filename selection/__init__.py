@@ -1,0 +1,1 @@
+"""Selectors that choose training rows: hmin (diversity); grad and slm-hard are to come."""

@@ -1,0 +1,164 @@
+"""The hmin selection recipe: rows in -> vectors (cached) -> greedy order -> rows out + run record.
+
+A plain, explicit sequence of library calls (torchtune-style); `dyn select --method hmin` parses
+flags into a `SelectRequest` and calls `run_hmin_selection`. Library users can do the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from dyn.core.errors import DataError, UsageError
+
+
+@dataclass
+class SelectRequest:
+    data: str
+    output: str
+    k: int | None = None
+    fraction: float | None = None
+    text_field: str | None = None
+    template: str | None = None
+    embedding_model: str | None = None
+    embedding_field: str | None = None
+    metric: str = "cosine"
+    start: str = "random"
+    seed: int = 0
+    storage: str = "float32"
+    device: str = "auto"
+    embed_precision: str = "auto"
+    batch_tokens: int | None = None
+    group_field: str | None = None
+    stratify: str | None = None
+    near_dup_radius: float = 0.05
+    cache_dir: str | None = None
+    no_cache: bool = False
+    skip_bad_rows: bool = False
+    split: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def check_budget_flags(k: int | None, fraction: float | None) -> None:
+    """`-k` or `--fraction`, exactly one, each in range."""
+    if k is not None and fraction is not None:
+        raise UsageError("-k and --fraction are alternatives; give one")
+    if k is None and fraction is None:
+        raise UsageError("say how many rows to keep: -k N or --fraction F")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise UsageError(f"--fraction {fraction}: must be in (0, 1]")
+    if k is not None and k < 1:
+        raise UsageError(f"-k {k}: must be at least 1")
+
+
+def resolve_budget(k: int | None, fraction: float | None, rows: int) -> int:
+    """The number of rows to keep from `-k` or `--fraction`, given the usable rows."""
+    check_budget_flags(k, fraction)
+    if fraction is not None:
+        return max(1, int(round(fraction * rows)))
+    if k > rows:
+        raise UsageError(f"-k {k}: the input has only {rows} usable rows")
+    return k
+
+
+def check_request(req: SelectRequest) -> None:
+    """Flag checks that need no data, so a bad command fails before any work."""
+    from dyn.core.io import check_output_path
+
+    check_budget_flags(req.k, req.fraction)
+    if req.embedding_field and (req.embedding_model or req.text_field or req.template):
+        raise UsageError("--embedding-field gives the vectors; do not combine it with --embedding-model, --text-field or --template")
+    if req.batch_tokens is not None and req.batch_tokens < 16:
+        raise UsageError(f"--batch-tokens {req.batch_tokens}: must be at least 16")
+    check_output_path(req.output, [req.data])
+
+
+def run_hmin_selection(req: SelectRequest) -> dict | None:
+    """Run the whole selection; returns the summary on rank 0 (None on other ranks)."""
+    from dyn.core.distributed import world
+    from dyn.core.embeddings import resolve_device
+    from dyn.core.io import read_rows, write_rows
+    from dyn.core.runrecord import RunRecord, record_path
+    from dyn.selection.hmin import HminSettings, select_hmin
+    from dyn.selection.result import output_rows
+
+    check_request(req)
+    w = world()
+    record = RunRecord("select --method hmin", {k: v for k, v in asdict(req).items() if k != "extra"} | req.extra)
+    record.data["world_size"] = w.size
+    with record.phase("read"):
+        loaded = read_rows(req.data, skip_bad_rows=req.skip_bad_rows, split=req.split)
+    vectors, loaded = _row_vectors(loaded, req, record)
+    k = resolve_budget(req.k, req.fraction, len(loaded.dataset))
+    groups = _labels(loaded, req.stratify or req.group_field)
+    if not w.is_main:
+        return None
+
+    device = resolve_device(req.device)
+    settings = HminSettings(
+        k=k, metric=req.metric, start=req.start, seed=req.seed, storage=req.storage,
+        device=device, near_duplicate_radius=req.near_dup_radius,
+    )
+    record.data["device"] = device
+    record.data["seeds"] = {"start_and_random_subset": req.seed}
+    result = select_hmin(vectors, settings, groups=groups, stratify=bool(req.stratify), phase=record.phase)
+    with record.phase("write"):
+        write_rows(output_rows(loaded, result), req.output)
+    record.add_input(req.data, loaded.rows_in_source)
+    record.add_skipped(loaded.skipped)
+    record.data["figures"] = result.figures
+    run_record = record_path(req.output)
+    record.write(run_record)
+    return {
+        "output": req.output,
+        "run_record": run_record,
+        "rows_in": loaded.rows_in_source,
+        "rows_used": len(loaded.dataset),
+        "rows_out": len(result.rows),
+        "skipped_rows": dict(loaded.skipped),
+        "figures": result.figures,
+        "timings_s": record.data["timings_s"],
+    }
+
+
+def _row_vectors(loaded, req: SelectRequest, record):
+    """The vectors to select over: a precomputed column, or embeddings of each row's text."""
+    from dyn.core.vectors import vectors_from_column
+
+    if req.embedding_field:
+        with record.phase("read"):
+            return vectors_from_column(
+                loaded, req.embedding_field, require_nonzero=req.metric == "cosine", skip_bad_rows=req.skip_bad_rows
+            )
+    from dyn.core.embedding_cache import EmbeddingCache
+    from dyn.core.embeddings import TextEncoder, bundled_model_path, default_cache_root, embed_texts
+    from dyn.core.text import extract_texts, resolve_text_spec
+
+    spec = resolve_text_spec(loaded.dataset.column_names, req.text_field, req.template, loaded.source)
+    with record.phase("load model"):
+        encoder = TextEncoder(req.embedding_model or bundled_model_path(), device=req.device, precision=req.embed_precision)
+    with record.phase("read"):
+        texts, loaded = extract_texts(loaded, spec, skip_bad_rows=req.skip_bad_rows, chat_tokenizer=encoder.tokenizer)
+    cache = None
+    if not req.no_cache:
+        cache = EmbeddingCache(req.cache_dir or default_cache_root(), encoder.content_hash, encoder.settings(), encoder.dim)
+    with record.phase("embed"):
+        vectors, stats = embed_texts(texts, encoder, cache, max_tokens=req.batch_tokens)
+    record.add_model(
+        "embedding", encoder.path, encoder.content_hash, text=spec.describe(), **encoder.settings(),
+        device=encoder.device, cache=str(cache.folder) if cache else None,
+    )
+    record.data["figures_embedding"] = {
+        "texts": stats.rows, "unique_texts": stats.unique_texts,
+        "from_cache": stats.from_cache, "embedded": stats.embedded,
+    }
+    return vectors, loaded
+
+
+def _labels(loaded, column: str | None) -> np.ndarray | None:
+    if column is None:
+        return None
+    if column not in loaded.dataset.column_names:
+        raise DataError(f"{loaded.source}: no column '{column}' to group by; columns are: {', '.join(loaded.dataset.column_names)}")
+    return np.asarray(loaded.dataset[column], dtype=object)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
 
 
 def merge_config(ctx, values: dict, config_path: str | None) -> dict:
@@ -28,9 +27,11 @@ def merge_config(ctx, values: dict, config_path: str | None) -> dict:
         if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
             continue
         try:
-            merged[name] = params[name].type_cast_value(ctx, raw)
-        except typer.BadParameter as exc:
-            raise UsageError(f"{config_path}: key '{key}': {exc}") from None
+            merged[name] = params[name].process_value(ctx, raw)
+        except Exception as exc:  # Typer/Click's BadParameter, whichever Click is underneath
+            if type(exc).__module__.split(".")[0] not in ("typer", "click"):
+                raise
+            raise UsageError(f"{config_path}: key '{key}': {getattr(exc, 'message', exc)}") from None
     return merged
 
 

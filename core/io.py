@@ -211,7 +211,12 @@ def _read_with_arrow(path: Path, fmt: str, compressed: bool) -> LoadedRows:
         elif fmt == "csv":
             import pyarrow.csv as pacsv
 
-            table = pacsv.read_csv(pa.input_stream(str(path), compression="gzip" if compressed else None))
+            # Quoted values may hold newlines (prompts do); without this pyarrow splits its
+            # parallel blocks inside them and fails on any CSV larger than one block (1 MB).
+            table = pacsv.read_csv(
+                pa.input_stream(str(path), compression="gzip" if compressed else None),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            )
         else:
             table = _read_arrow_ipc(path, compressed)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, EOFError) as exc:
@@ -287,10 +292,19 @@ def check_output_path(output: str, inputs: list[str]) -> None:
             ".arrow (optionally .gz) or a folder name without a suffix (save_to_disk)"
         )
     resolved = out.resolve()
+    # A file output also writes its run record `<output>.dyn.json` beside it (core.runrecord).
+    record = resolved.with_name(resolved.name + ".dyn.json") if fmt is not None else None
     for source in inputs:
         src = Path(source)
-        if src.exists() and (resolved == src.resolve() or src.resolve() in resolved.parents):
+        if not src.exists():
+            continue
+        src = src.resolve()
+        # Same path, output inside an input folder, or an input inside the output folder
+        # (a folder output replaces the whole folder).
+        if resolved == src or src in resolved.parents or resolved in src.parents:
             raise UsageError(f"{output}: output would overwrite the input {source}")
+        if record is not None and record == src:
+            raise UsageError(f"{output}: its run record {record.name} would overwrite the input {source}")
     parent = resolved.parent
     if not parent.exists():
         raise UsageError(f"{output}: folder {parent} does not exist")

@@ -25,7 +25,10 @@ def vectors_from_column(rows: LoadedRows, column: str, *, require_nonzero: bool,
     for i, value in enumerate(values):
         problem = None
         try:
-            vector = np.asarray(value, dtype=np.float64)
+            vector = np.asarray(value)
+            if vector.dtype.kind not in "biuf":  # strings ("0.5"), nulls, mixed: not numbers
+                raise TypeError(vector.dtype)
+            vector = vector.astype(np.float64)
         except (TypeError, ValueError):
             vector, problem = None, "is not a list of numbers"
         if problem is None and (vector.ndim != 1 or vector.size == 0):

@@ -355,14 +355,21 @@ def _json_default(value):
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def _write_csv(table: pa.Table, path: str, compressed: bool, output: str) -> None:
-    import pyarrow.csv as pacsv
-
-    nested = [f.name for f in table.schema if pa.types.is_nested(f.type)]
+def check_output_columns(schema: pa.Schema, output: str) -> None:
+    """Refuse, before any work, columns the output format cannot hold (nested ones in CSV)."""
+    if row_format(output)[0] != "csv":
+        return
+    nested = [f.name for f in schema if pa.types.is_nested(f.type)]
     if nested:
         raise UsageError(
             f"{output}: CSV cannot hold the nested column(s) {', '.join(nested)}; "
             "write .jsonl, .parquet or .arrow instead"
         )
+
+
+def _write_csv(table: pa.Table, path: str, compressed: bool, output: str) -> None:
+    import pyarrow.csv as pacsv
+
+    check_output_columns(table.schema, output)
     with pa.output_stream(path, compression="gzip" if compressed else None) as sink:
         pacsv.write_csv(table, sink)

@@ -52,13 +52,13 @@ def check_budget_flags(k: int | None, fraction: float | None) -> None:
         raise UsageError(f"-k {k}: must be at least 1")
 
 
-def resolve_budget(k: int | None, fraction: float | None, rows: int) -> int:
+def resolve_budget(k: int | None, fraction: float | None, rows: int, source: str = "the input") -> int:
     """The number of rows to keep from `-k` or `--fraction`, given the usable rows."""
     check_budget_flags(k, fraction)
     if fraction is not None:
         return max(1, int(round(fraction * rows)))
     if k > rows:
-        raise UsageError(f"-k {k}: the input has only {rows} usable rows")
+        raise UsageError(f"-k {k}: {source} has only {rows} usable rows")
     return k
 
 
@@ -78,7 +78,7 @@ def run_hmin_selection(req: SelectRequest) -> dict | None:
     """Run the whole selection; returns the summary on rank 0 (None on other ranks)."""
     from dyn.core.distributed import world
     from dyn.core.embeddings import resolve_device
-    from dyn.core.io import read_rows, write_rows
+    from dyn.core.io import check_output_columns, read_rows, write_rows
     from dyn.core.runrecord import RunRecord, record_path
     from dyn.selection.hmin import HminSettings, select_hmin
     from dyn.selection.result import output_rows
@@ -89,8 +89,9 @@ def run_hmin_selection(req: SelectRequest) -> dict | None:
     record.data["world_size"] = w.size
     with record.phase("read"):
         loaded = read_rows(req.data, skip_bad_rows=req.skip_bad_rows, split=req.split)
+    check_output_columns(loaded.dataset.data.table.schema, req.output)
     vectors, loaded = _row_vectors(loaded, req, record)
-    k = resolve_budget(req.k, req.fraction, len(loaded.dataset))
+    k = resolve_budget(req.k, req.fraction, len(loaded.dataset), loaded.source)
     groups = _labels(loaded, req.stratify or req.group_field)
     if not w.is_main:
         return None

@@ -235,7 +235,7 @@ def test_parquet_input_names_the_row(work):
     [
         (["-k", "0"], "-k 0: must be at least 1"),
         (["-k", "-3"], "-k -3: must be at least 1"),
-        (["-k", "13"], "-k 13: the input has only 12 usable rows"),
+        (["-k", "13"], "has only 12 usable rows"),
         (["--fraction", "0"], "--fraction 0.0: must be in (0, 1]"),
         (["--fraction", "1.5"], "--fraction 1.5: must be in (0, 1]"),
         (["-k", "2", "--fraction", "0.5"], "-k and --fraction are alternatives"),
@@ -247,6 +247,8 @@ def test_budget_flags(work, flags, fragment):
     before = files_in(work)
     result = select(data, *flags, "--embedding-field", "vec", "-o", work / "out.jsonl")
     assert_fails(result, 2, fragment, work=work, before=before)
+    if "13" in flags:
+        assert f"-k 13: {data} has only 12 usable rows" in result.stderr
 
 
 def test_garbage_model_folder(work):

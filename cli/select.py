@@ -61,6 +61,7 @@ def select_command(
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Token budget per embedding batch, padded tokens (default: 2048 on CPU, 65536 on CUDA)."),
     group_field: Optional[str] = typer.Option(None, "--group-field", help="Label column: report how many groups the selection covers next to a random subset."),
     stratify: Optional[str] = typer.Option(None, "--stratify", help="Label column: greedy within each group, budget split by group size."),
+    stratify_clusters: Optional[int] = typer.Option(None, "--stratify-clusters", help="Stratify over N k-means clusters of the vectors (FAISS) when no label column exists."),
     near_dup_radius: float = typer.Option(0.05, "--near-dup-radius", help="Distance under which two chosen rows count as near-duplicates in the report."),
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", envvar="DYN_CACHE_DIR", help="Embedding cache folder (default ~/.cache/dyn)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the embedding cache."),
@@ -75,6 +76,7 @@ def select_command(
     pairwise distance (h_min) between chosen rows; the output keeps every input column and adds
     dyn_index, dyn_rank and dyn_hmin_at, with a run record <output>.dyn.json beside it."""
     from dyn.cli.config import merge_config
+    from dyn.cli.launch import relaunch, world_size_from_env
     from dyn.cli.summary import report
     from dyn.core import progress
     from dyn.core.distributed import world
@@ -95,23 +97,6 @@ def select_command(
     summary = run_hmin_selection(request)
     if summary is not None:
         report("dyn select --method hmin", summary, json_output=json_output, quiet=quiet)
-
-
-def world_size_from_env() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def relaunch(num_processes: int) -> int:
-    """Run this same command line as `num_processes` workers; their exit code."""
-    import subprocess
-    import sys
-
-    from dyn.core.distributed import relaunch_command, strip_flag
-
-    argv = strip_flag(sys.argv[1:], "--num-processes")
-    return subprocess.run(relaunch_command(argv, num_processes), check=False).returncode
 
 
 def _value(value):

@@ -32,6 +32,7 @@ class SelectRequest:
     batch_tokens: int | None = None
     group_field: str | None = None
     stratify: str | None = None
+    stratify_clusters: int | None = None
     near_dup_radius: float = 0.05
     cache_dir: str | None = None
     no_cache: bool = False
@@ -69,6 +70,10 @@ def check_request(req: SelectRequest) -> None:
     check_budget_flags(req.k, req.fraction)
     if req.embedding_field and (req.embedding_model or req.text_field or req.template):
         raise UsageError("--embedding-field gives the vectors; do not combine it with --embedding-model, --text-field or --template")
+    if req.stratify and req.stratify_clusters:
+        raise UsageError("--stratify (a label column) and --stratify-clusters (k-means groups) are alternatives; give one")
+    if req.stratify_clusters is not None and req.stratify_clusters < 1:
+        raise UsageError(f"--stratify-clusters {req.stratify_clusters}: must be at least 1")
     if req.batch_tokens is not None and req.batch_tokens < 16:
         raise UsageError(f"--batch-tokens {req.batch_tokens}: must be at least 16")
     check_output_path(req.output, [req.data])
@@ -95,6 +100,8 @@ def run_hmin_selection(req: SelectRequest) -> dict | None:
     groups = _labels(loaded, req.stratify or req.group_field)
     if not w.is_main:
         return None
+    if req.stratify_clusters:
+        groups = _cluster_groups(vectors, req, record)
 
     device = resolve_device(req.device)
     settings = HminSettings(
@@ -103,7 +110,8 @@ def run_hmin_selection(req: SelectRequest) -> dict | None:
     )
     record.data["device"] = device
     record.data["seeds"] = {"start_and_random_subset": req.seed}
-    result = select_hmin(vectors, settings, groups=groups, stratify=bool(req.stratify), phase=record.phase)
+    stratify = bool(req.stratify or req.stratify_clusters)
+    result = select_hmin(vectors, settings, groups=groups, stratify=stratify, phase=record.phase)
     with record.phase("write"):
         write_rows(output_rows(loaded, result), req.output)
     record.add_input(req.data, loaded.rows_in_source)
@@ -155,6 +163,17 @@ def _row_vectors(loaded, req: SelectRequest, record):
         "from_cache": stats.from_cache, "embedded": stats.embedded,
     }
     return vectors, loaded
+
+
+def _cluster_groups(vectors: np.ndarray, req: SelectRequest, record) -> np.ndarray:
+    """k-means groups (FAISS) over the vectors the selection uses, for when no label column exists."""
+    from dyn.selection.hmin import prepare_vectors
+    from dyn.selection.neighbours import kmeans_groups
+
+    if req.stratify_clusters > len(vectors):
+        raise UsageError(f"--stratify-clusters {req.stratify_clusters}: more clusters than the {len(vectors)} rows")
+    with record.phase("cluster"):
+        return kmeans_groups(prepare_vectors(vectors, req.metric), req.stratify_clusters, req.seed)
 
 
 def _labels(loaded, column: str | None) -> np.ndarray | None:

@@ -143,3 +143,17 @@ def test_console_script_reports_exit_codes(tmp_path):
                              capture_output=True, text=True)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"dyn: error: {tmp_path / 'nope.jsonl'}: no such file or folder"]
+
+
+def test_stratify_over_kmeans_clusters(mix, tmp_path):
+    _, data = mix
+    out = tmp_path / "clusters.jsonl"
+    result = run_cli("select", str(data), "-k", "40", "--stratify-clusters", "4", "-o", str(out), "-q")
+    assert result.exit_code == 0, result.output
+    picked = read_jsonl(out)
+    assert len(picked) == 40 and {r["dyn_group"] for r in picked} <= {0, 1, 2, 3}
+    record = json.loads((tmp_path / "clusters.jsonl.dyn.json").read_text())
+    assert record["figures"]["stratified"] is True and record["figures"]["groups_total"] == 4
+    assert "cluster" in record["timings_s"]
+    both = run_cli("select", str(data), "-k", "4", "--stratify", "task", "--stratify-clusters", "4", "-o", str(tmp_path / "x.jsonl"))
+    assert both.exit_code == 2

@@ -140,7 +140,9 @@ def _read_json_lines(source: str, text: str, skip_bad_rows: bool) -> LoadedRows:
     rows, lines, index = [], [], []
     skipped: Counter = Counter()
     position = 0
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() would also break at U+2028, U+0085, \x1c ... which
+    # JSON strings may hold raw (the real instruction mix does).
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         problem = None

@@ -661,3 +661,17 @@ def test_vectors_from_parquet_report_rows_not_lines(tmp_path):
     loaded = read_rows(str(tmp_path / "v.parquet"))
     with pytest.raises(DataError, match=r"v\.parquet row 1: vector in 'vec' contains NaN"):
         vectors_from_column(loaded, "vec", require_nonzero=True)
+
+
+def test_json_lines_with_unicode_line_separators_inside_strings(tmp_path):
+    """Raw U+0085 / U+2028 / \\x1c inside JSON strings are not line breaks (the real mix has them)."""
+    import json as _json
+
+    from dyn.core.io import read_rows
+
+    rows = [{"text": "a\x85b"}, {"text": "c\u2028d\x1ce"}, {"text": "plain"}]
+    path = tmp_path / "seps.jsonl"
+    path.write_text("".join(_json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    loaded = read_rows(str(path))
+    assert loaded.dataset["text"] == [r["text"] for r in rows]
+    assert loaded.line_numbers.tolist() == [1, 2, 3]

@@ -17,8 +17,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import typer  # noqa: E402
 
 from dyn.cli.errors import DynGroup  # noqa: E402
+from dyn.cli.inspect import EXAMPLES as INSPECT_EXAMPLES  # noqa: E402
+from dyn.cli.inspect import inspect_command  # noqa: E402
 from dyn.cli.select import EXAMPLES as SELECT_EXAMPLES  # noqa: E402
 from dyn.cli.select import select_command  # noqa: E402
+from dyn.cli.train import EXAMPLES as TRAIN_EXAMPLES, train_command  # noqa: E402
 
 app = typer.Typer(
     cls=DynGroup,
@@ -31,6 +34,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("select", epilog=SELECT_EXAMPLES, no_args_is_help=True)(select_command)
+app.command("inspect", epilog=INSPECT_EXAMPLES, no_args_is_help=True)(inspect_command)
+app.command("train", epilog=TRAIN_EXAMPLES, no_args_is_help=True)(train_command)
 
 
 def _version(value: bool) -> None:

@@ -157,3 +157,18 @@ def test_stratify_over_kmeans_clusters(mix, tmp_path):
     assert "cluster" in record["timings_s"]
     both = run_cli("select", str(data), "-k", "4", "--stratify", "task", "--stratify-clusters", "4", "-o", str(tmp_path / "x.jsonl"))
     assert both.exit_code == 2
+
+
+def test_inspect_shows_columns_and_the_run_record(mix, tmp_path):
+    _, data = mix
+    out = tmp_path / "few.jsonl"
+    assert run_cli("select", str(data), "-k", "4", "-o", str(out), "-q").exit_code == 0
+    result = run_cli("inspect", str(out), "--json")
+    assert result.exit_code == 0
+    info = json.loads(result.stdout)
+    assert info["rows"] == 4 and {"prompt", "dyn_index", "dyn_rank", "dyn_hmin_at"} <= set(info["columns"])
+    assert info["run_record"]["command"] == "select --method hmin" and "hmin" in info["run_record"]["figures"]
+    text = run_cli("inspect", str(out))
+    assert text.exit_code == 0 and "4 rows" in text.stdout and "run record: select --method hmin" in text.stdout
+    missing = run_cli("inspect", str(tmp_path / "absent.jsonl"))
+    assert missing.exit_code == 2

@@ -38,10 +38,16 @@ def write_jsonl():
     return _write_jsonl
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("dyn-cache")
+
+
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own embedding cache, so the user's cache is never touched."""
-    cache = tmp_path_factory.mktemp("dyn-cache")
+def isolated_cache(session_cache, monkeypatch):
+    """The tests share one embedding cache of their own, so the user's cache is never touched and
+    the same real rows are embedded once per session. Tests about the cache make their own."""
+    cache = session_cache
     monkeypatch.setenv("DYN_CACHE_DIR", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache

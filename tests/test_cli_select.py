@@ -93,13 +93,13 @@ def test_stratify_balances_groups(mix, tmp_path):
 def test_config_file_sets_flags_and_flags_win(mix, tmp_path):
     _, data = mix
     config = tmp_path / "run.yaml"
-    config.write_text("k: 12\nseed: 3\ntext-field: prompt\nstart: medoid\n")
+    config.write_text('k: 12\nseed: 3\ntemplate: "{prompt}\\n{completion}"\nstart: medoid\n')
     out = tmp_path / "c.jsonl"
     result = run_cli("select", str(data), "--config", str(config), "-k", "7", "-o", str(out), "-q")
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "c.jsonl.dyn.json").read_text())
     assert record["arguments"]["k"] == 7 and record["arguments"]["seed"] == 3
-    assert record["arguments"]["text_field"] == "prompt" and record["arguments"]["start"] == "medoid"
+    assert record["arguments"]["template"] == "{prompt}\n{completion}" and record["arguments"]["start"] == "medoid"
     assert len(read_jsonl(out)) == 7
 
 

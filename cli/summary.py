@@ -54,3 +54,25 @@ def _plain(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
+
+
+def report_table(title: str, rows: list[tuple[str, str]], summary: dict, *, json_output: bool, quiet: bool,
+                 footer: str | None = None) -> None:
+    """Any command's end-of-run summary: `summary` as JSON on stdout with --json, and a two-column
+    table of (label, value) `rows` plus an optional footer line on stderr unless quiet."""
+    if json_output:
+        print(json.dumps(summary, default=_plain), flush=True)
+    if quiet:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("")
+    table.add_column("", justify="right")
+    for label, value in rows:
+        table.add_row(label, value)
+    console = Console(stderr=True, highlight=False)
+    console.print(table)
+    if footer:
+        console.print(footer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -14,7 +14,7 @@ Examples:
 
   dyn select --method hmin data.parquet --fraction 0.1 --stratify task --group-field task -o picked.parquet --json
 
-  dyn select --method hmin data.jsonl -k 500 -o picked.jsonl --num-processes 2
+  dyn select --method grad train.jsonl --anchor anchor.jsonl --checkpoints warmup/ -o good.jsonl --num-processes 2
 """
 
 
@@ -41,11 +41,39 @@ class Precision(str, Enum):
     bfloat16 = "bfloat16"
 
 
+class Engine(str, Enum):
+    auto = "auto"
+    directional = "directional"
+    store = "store"
+    exact = "exact"
+
+
+class Similarity(str, Enum):
+    dot = "dot"
+    cosine = "cosine"
+
+
+class Precondition(str, Enum):
+    none = "none"
+    adam = "adam"
+
+
+# Flags only one method reads: giving one to the other method is a usage error, never ignored.
+GRAD_FLAGS = (
+    "anchor", "checkpoints", "engine", "similarity", "precondition", "weights", "threshold",
+    "anchor_group_field", "modules", "store", "proj_dim", "response_field", "max_length",
+)
+HMIN_FLAGS = (
+    "text_field", "embedding_model", "embedding_field", "metric", "start", "storage", "embed_precision",
+    "group_field", "stratify", "stratify_clusters", "near_dup_radius", "cache_dir", "no_cache",
+)
+
+
 def select_command(
     ctx: typer.Context,
     data: str = typer.Argument(..., help="Input rows: .jsonl/.json/.parquet/.csv/.arrow (or .gz), a save_to_disk folder, or a cached hub dataset name."),
     output: str = typer.Option(..., "-o", "--output", help="Where to write the chosen rows; the format follows the suffix (no suffix: a save_to_disk folder)."),
-    method: Method = typer.Option(Method.hmin, "--method", help="Selection method: hmin (max-min distance diversity)."),
+    method: Method = typer.Option(Method.hmin, "--method", help="Selection method: hmin (max-min distance diversity) or grad (gradient agreement with --anchor rows over --checkpoints; CLUES/LESS)."),
     k: Optional[int] = typer.Option(None, "-k", "--k", help="How many rows to keep."),
     fraction: Optional[float] = typer.Option(None, "--fraction", help="Keep this fraction of the rows, in (0, 1]."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Column holding the text to embed."),
@@ -67,6 +95,19 @@ def select_command(
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the embedding cache."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip malformed rows, counting them in the run record, instead of stopping."),
     split: Optional[str] = typer.Option(None, "--split", help="Split of a save_to_disk folder or hub dataset (default: the only one, or train)."),
+    anchor: Optional[str] = typer.Option(None, "--anchor", help="grad: the trusted rows (same columns as DATA) whose mean gradient rows are compared with."),
+    checkpoints: Optional[List[str]] = typer.Option(None, "--checkpoints", "--model", help="grad: a `dyn train` run folder (all its checkpoint-* folders), or checkpoint / model folders; repeat or comma-separate."),
+    engine: Engine = typer.Option(Engine.auto, "--engine", help="grad: directional (exact dot scores by forward-mode JVP; default), store (projected per-sample gradients; default for cosine or adam) or exact (batch-1 oracle)."),
+    similarity: Similarity = typer.Option(Similarity.dot, "--similarity", help="grad: dot (CLUES) or cosine (LESS: unit gradients, mean within an anchor group, max over groups)."),
+    precondition: Precondition = typer.Option(Precondition.none, "--precondition", help="grad: Γ_c applied to the rows' gradients: none, or adam (LESS's Adam direction from each checkpoint's optimizer.pt)."),
+    weights: str = typer.Option("lr", "--weights", help="grad: checkpoint weights: lr (mean logged learning rate since the previous checkpoint), uniform, or v1,v2,... in step order."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="grad: keep rows scoring at least this (default: the mean anchor score)."),
+    anchor_group_field: Optional[str] = typer.Option(None, "--anchor-group-field", help="grad: anchor column of group labels: mean within a group, max over groups."),
+    modules: Optional[str] = typer.Option(None, "--modules", help="grad: score only parameters whose name matches this regex (default: all, or a PEFT checkpoint's LoRA adapters)."),
+    store: Optional[str] = typer.Option(None, "--store", help="grad, store engine: keep the projected gradients in this folder and reuse them on reruns."),
+    proj_dim: int = typer.Option(1024, "--proj-dim", help="grad, store engine: projected size of each parameter's gradient (about sqrt a side for matrices)."),
+    response_field: Optional[str] = typer.Option(None, "--response-field", help="grad: column holding the response (the loss is on its tokens); --template gives the prompt. Default: what the checkpoints were trained with."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="grad: truncate examples to this many tokens (default: the warm-up run's, else the model's context)."),
     num_processes: int = typer.Option(1, "--num-processes", help="Run as N worker processes (torch.distributed; gloo on CPU): the embedding pass is sharded, the output is identical."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file whose keys are these flag names; flags given here win."),
     json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON object on stdout."),
@@ -74,7 +115,10 @@ def select_command(
 ) -> None:
     """Choose rows. hmin: the greedy farthest-point order over embeddings maximises the minimum
     pairwise distance (h_min) between chosen rows; the output keeps every input column and adds
-    dyn_index, dyn_rank and dyn_hmin_at, with a run record <output>.dyn.json beside it."""
+    dyn_index, dyn_rank and dyn_hmin_at, with a run record <output>.dyn.json beside it.
+    grad: score(z) = sum over checkpoints of eta_c <grad loss(z), mean anchor gradient>; keeps rows
+    scoring at least the mean anchor score (or -k / --fraction / --threshold) and adds dyn_rank,
+    dyn_score and dyn_score_ckpt<step>."""
     from dyn.cli.config import merge_config
     from dyn.cli.launch import relaunch, world_size_from_env
     from dyn.cli.summary import report
@@ -88,15 +132,63 @@ def select_command(
     if num_processes > 1 and world_size_from_env() == 1:
         raise typer.Exit(relaunch(num_processes))
     method_value = _value(args.pop("method"))
-    if method_value != "hmin":
-        raise UsageError(f"--method {method_value} is not built yet; available: hmin")
+    if method_value not in ("hmin", "grad"):
+        raise UsageError(f"--method {method_value} is not built yet; available: hmin, grad")
     json_output, quiet = args.pop("json_output"), args.pop("quiet")
     args.pop("config", None)
     progress.configure(quiet=quiet, rank=world().rank)
+    if method_value == "grad":
+        _run_grad(ctx, args, json_output=json_output, quiet=quiet)
+        return
+    _refuse_other_method_flags(ctx, args, GRAD_FLAGS, "grad")
     request = SelectRequest(**{name: _value(value) for name, value in args.items()}, extra={"method": method_value})
     summary = run_hmin_selection(request)
     if summary is not None:
         report("dyn select --method hmin", summary, json_output=json_output, quiet=quiet)
+
+
+def _refuse_other_method_flags(ctx, args: dict, names: tuple, method: str) -> None:
+    """Drop the other method's flags from `args`; a usage error when one was given a value."""
+    from dyn.core.errors import UsageError
+
+    params = {p.name: p for p in ctx.command.params}
+    for name in names:
+        value = args.pop(name)
+        default = params[name].default
+        from_env = getattr(ctx.get_parameter_source(name), "name", None) == "ENVIRONMENT"
+        if value in ((), []):
+            value = None
+        if _value(value) != _value(default) and not from_env:
+            flag = max(params[name].opts, key=len)
+            raise UsageError(f"{flag} is a --method {method} flag; this run is --method {_value(ctx.params['method'])}")
+
+
+def _run_grad(ctx, args: dict, *, json_output: bool, quiet: bool) -> None:
+    from dyn.cli.summary import report_table
+    from dyn.selection.grad import GradRequest, run_grad_selection
+
+    _refuse_other_method_flags(ctx, args, HMIN_FLAGS, "hmin")
+    values = {name: _value(value) for name, value in args.items()}
+    values["checkpoints"] = [part for item in values["checkpoints"] or [] for part in str(item).split(",") if part]
+    values["engine"] = None if values["engine"] == "auto" else values["engine"]
+    summary = run_grad_selection(GradRequest(**values, extra={"method": "grad"}))
+    if summary is None:
+        return
+    figures = summary["figures"]
+    threshold = figures["threshold"]
+    rows = [
+        ("rows in / scored / kept", f"{summary['rows_in']} / {summary['rows_scored']} / {summary['rows_out']}"),
+        ("rows without a score (no response token)", str(figures["rows_without_score"]["count"])),
+        ("anchors scored", f"{figures['anchors_scored']} of {figures['anchors']}"),
+        ("engine / similarity / Γ", f"{figures['engine']} / {figures['similarity']} / {figures['precondition']}"),
+        ("keep rule", figures["keep_rule"] + ("" if threshold is None else f" ({threshold:.4g})")),
+    ]
+    for c in figures["checkpoints"]:
+        stats = figures["anchor_scores"][str(c["step"])]
+        rows.append((f"checkpoint {c['step']}: weight, anchor mean", f"{c['weight']:.4g}, {stats.get('mean', float('nan')):.4g}"))
+    rows.append(("time", ", ".join(f"{name} {seconds:.1f}s" for name, seconds in summary["timings_s"].items())))
+    report_table("dyn select --method grad", rows, summary, json_output=json_output, quiet=quiet,
+                 footer=f"wrote {summary['output']} and {summary['run_record']}")
 
 
 def _value(value):

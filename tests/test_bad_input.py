@@ -349,7 +349,7 @@ def test_missing_input_file(work):
     assert_fails(result, 2, f"{data}: no such file", work=work, before=before)
 
 
-@pytest.mark.parametrize("method", ["grad", "slm-hard"])
+@pytest.mark.parametrize("method", ["slm-hard"])
 def test_method_not_built_yet(work, method):
     data = vector_file(work)
     before = files_in(work)

@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""Benchmark of gradient scoring (`dyn select --method grad`): dyn's engines next to the LESS/CLUES
+way, in one process, on the same model and rows (DESIGN §4.2, §6).
+
+Model: a fresh 4-layer GPT-2 (default hidden 64, 2 heads; `--hidden 256 --heads 4` is the `small`
+preset) with eager attention and a byte-level BPE trained on the rows; rows: GSM8K train
+(question -> answer, loss on the answer), anchors: GSM8K test. Speed does not depend on the
+weights, so nothing is trained. Methods:
+
+- forward: per-row losses only (no gradient) — the floor every method pays;
+- directional: dyn's default engine, one forward-mode JVP per batch along ḡ (the anchor mean
+  gradient, computed once and timed apart) — every row's exact ⟨∇ℓ_i, ḡ⟩;
+- store: dyn's store engine, per-sample gradients from layer hooks projected per layer with a
+  factored (LoGra) projection of `--proj-dim` per parameter, float16 rows (no disk);
+- less: the LESS/CLUES way — batch size 1, the full per-sample gradient by autograd, a dense
+  Rademacher projection to 8192 dims of every buffer of 16 gradients (as LESS projects every 16
+  samples), then the dot product with the projected anchor mean. The D x 8192 matrix is generated
+  once and held in memory when it fits `--less-matrix-gb` (its generation is timed apart and NOT
+  charged per row: the fairest case for LESS, like TRAK's fused CUDA kernel that makes it on the
+  fly); otherwise it is regenerated block by block at every projection (TRAK's CPU
+  `BasicProjector` scheme). Its cost grows with D x 8192, which is why the default model is small:
+  at the `small` preset's 4.5M parameters the matrix is 150 GB and regenerating it takes minutes
+  per buffer on this CPU (run that with `--less-rows 0`).
+
+Reported: rows/s, time relative to forward, speed relative to `less`, and the peak resident memory
+added while each method runs (sampled from /proc/self/statm). Also the agreement of directional and
+store with the exact per-sample gradients on a few rows. These machines are shared and noisy:
+read the ratios, not the absolute times.
+
+    python bench/grad.py --threads 1                                   # 128 rows, less on 32
+    python bench/grad.py --threads 1 --hidden 256 --heads 4 --vocab 4096 --less-rows 0   # `small`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if not DATA.exists():
+    DATA = Path("/work/shared/data")
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every few milliseconds."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * self.page
+
+    def __enter__(self):
+        self.base = self._rss()
+        self.peak = self.base
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def added_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def read_jsonl(path: Path, n: int) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            rows.append(json.loads(line))
+            if len(rows) == n:
+                break
+    return rows
+
+
+def build(args):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dyn.core.lm import encode_prompt_response, pad_token_id
+    from dyn.core.models import PRESETS  # noqa: F401 - the `small` preset's context length
+    from dyn.core.tokenizer_training import train_bpe_tokenizer
+
+    rows = read_jsonl(DATA / "gsm8k-train.jsonl", args.rows)
+    anchors = read_jsonl(DATA / "gsm8k-test.jsonl", args.anchors)
+    tokenizer = train_bpe_tokenizer([r["question"] + "\n" + r["answer"] for r in rows + anchors], args.vocab, model_max_length=args.max_length)
+    encode = lambda rs: encode_prompt_response([r["question"] + "\n" for r in rs], [r["answer"] for r in rs], tokenizer, args.max_length)  # noqa: E731
+    torch.manual_seed(0)
+    shape = {**PRESETS["small"], "n_embd": args.hidden, "n_head": args.heads, "n_layer": args.layers}
+    config = GPT2Config(**shape, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, attn_implementation="eager")
+    model = GPT2LMHeadModel(config).eval()
+    return model, encode(rows), encode(anchors), pad_token_id(tokenizer)
+
+
+def batches(examples, pad, max_tokens):
+    from dyn.core.embeddings import plan_batches
+
+    return [examples.batch(b, pad) for b in plan_batches(examples.lengths, max_tokens=max_tokens, max_rows=64)]
+
+
+# --------------------------------------------------------------------------------------------
+# the methods: each returns per-row values (in batch order) so they can be checked
+
+
+def forward_only(model, params, row_batches, _):
+    from dyn.influence.losses import batch_row_losses
+
+    with torch.no_grad():
+        return [batch_row_losses(model, b) for b in row_batches]
+
+
+def directional(model, params, row_batches, mean):
+    from dyn.influence.directional import directional_derivatives
+    from dyn.influence.exact import unflatten
+
+    direction = [unflatten(mean, params)]
+    return [directional_derivatives(model, params, b, direction)[1][:, 0] for b in row_batches]
+
+
+def store(model, params, row_batches, mean, proj_dim):
+    from dyn.influence.features import GradientFeatures
+
+    features = GradientFeatures(model, params, proj_dim=proj_dim, seed=0)
+    return [features.compute(b)["features"].to(torch.float16) for b in row_batches]
+
+
+class DenseRademacher:
+    """A dense (D x k) ±1/√k projection, generated block by block from its seed: held whole in
+    memory when it fits `max_gb` (generated once), else regenerated at every call (TRAK's CPU
+    `BasicProjector` scheme)."""
+
+    def __init__(self, dim: int, k: int, block_rows: int = 8192, seed: int = 0, max_gb: float = 10.0):
+        self.dim, self.k, self.block_rows, self.seed = dim, k, block_rows, seed
+        self.held = None
+        self.setup_seconds = 0.0
+        if dim * k * 4 <= max_gb * 2**30:
+            start = now()
+            self.held = [self._block(b, s) for b, s in enumerate(range(0, dim, block_rows))]
+            self.setup_seconds = now() - start
+
+    def _block(self, b: int, start: int) -> torch.Tensor:
+        stop = min(start + self.block_rows, self.dim)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+        return torch.empty(stop - start, self.k).bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(grads.shape[0], self.k)
+        for b, start in enumerate(range(0, self.dim, self.block_rows)):
+            block = self.held[b] if self.held is not None else self._block(b, start)
+            out += grads[:, start:start + block.shape[0]] @ block
+        return out / math.sqrt(self.k)
+
+
+def less_way(model, params, rows, pad, projector, target, interval: int = 16):
+    """Batch size 1, full gradient, dense projection of every `interval` gradients, dot with the
+    projected anchor mean."""
+    from dyn.influence.exact import exact_row_gradients
+
+    scores, buffer = [], []
+    for i in range(len(rows)):
+        batch = rows.batch([i], pad)
+        buffer.append(exact_row_gradients(model, params, batch)[1])
+        if len(buffer) == interval or i == len(rows) - 1:
+            scores.append(projector.project(torch.cat(buffer)) @ target)
+            buffer = []
+    return scores
+
+
+def timed(label, fn, rows_count):
+    with PeakMemory() as memory:
+        start = now()
+        out = fn()
+        seconds = now() - start
+    return {"method": label, "rows": rows_count, "seconds": seconds, "rows_per_s": rows_count / seconds,
+            "peak_mb": memory.added_mb, "out": out}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--anchors", type=int, default=16)
+    parser.add_argument("--less-rows", type=int, default=32, help="rows the slow LESS way scores (its rows/s is per row); 0 skips it")
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--less-matrix-gb", type=float, default=10.0, help="hold LESS's dense projection in memory up to this size")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-tokens", type=int, default=2048)
+    parser.add_argument("--proj-dim", type=int, default=1024, help="store engine: projected size per parameter")
+    parser.add_argument("--less-dim", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from dyn.influence.exact import exact_row_gradients
+    from dyn.influence.mean_gradient import mean_gradient
+    from dyn.influence.parameters import select_parameters
+
+    model, rows, anchors, pad = build(args)
+    params = select_parameters(model)
+    row_batches = batches(rows, pad, args.batch_tokens)
+    tokens = int(rows.lengths.sum())
+    print(f"model: GPT-2 {args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {model.config.vocab_size}, {params.numel / 1e6:.2f}M parameters; "
+          f"{len(rows)} rows ({tokens} tokens, {len(row_batches)} batches of <= {args.batch_tokens} padded tokens), "
+          f"{len(anchors)} anchors; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.1f}")
+
+    start = now()
+    mean = mean_gradient(model, params, batches(anchors, pad, args.batch_tokens)).vector
+    anchor_seconds = now() - start
+    forward_only(model, params, row_batches[:1], None)  # warm up kernels and lazy imports
+    directional(model, params, row_batches[:1], mean)
+    store(model, params, row_batches[:1], mean, args.proj_dim)
+
+    results = [
+        timed("forward (floor)", lambda: forward_only(model, params, row_batches, None), len(rows)),
+        timed("directional (dyn default)", lambda: directional(model, params, row_batches, mean), len(rows)),
+        timed(f"store (dyn, LoGra {args.proj_dim}/parameter)", lambda: store(model, params, row_batches, mean, args.proj_dim), len(rows)),
+    ]
+    less_note = "LESS way skipped (--less-rows 0)"
+    if args.less_rows:
+        with PeakMemory() as held:
+            projector = DenseRademacher(params.numel, args.less_dim, max_gb=args.less_matrix_gb)
+        target = projector.project(mean.view(1, -1))[0]
+        less_rows = rows_subset(rows, args.less_rows)
+        results.append(timed(f"LESS/CLUES way (batch 1, dense {args.less_dim})", lambda: less_way(model, params, less_rows, pad, projector, target), len(less_rows)))
+        less_note = (f"LESS dense projection {params.numel} x {args.less_dim}: "
+                     + (f"held in memory ({held.added_mb:.0f} MB, generated once in {projector.setup_seconds:.1f}s, not charged per row)"
+                        if projector.held is not None else "regenerated block by block at every projection (too large to hold)"))
+
+    # agreement with exact per-sample gradients on the first rows of the first batch
+    check = {k: v[:4] for k, v in row_batches[0].items()}
+    _, exact = exact_row_gradients(model, params, check)
+    exact_scores = exact.double() @ mean.double()
+    dir_scores = directional(model, params, [check], mean)[0]
+    relative = float((dir_scores - exact_scores).abs().max() / exact_scores.abs().max())
+
+    floor = results[0]["seconds"] / results[0]["rows"]
+    less = results[-1]["seconds"] / results[-1]["rows"] if args.less_rows else float("nan")
+    print(f"\n{less_note}")
+    print(f"anchor mean gradient (once per checkpoint): {anchor_seconds:.2f}s for {len(anchors)} anchors")
+    print(f"directional vs exact per-sample gradients: max relative difference {relative:.2e}\n")
+    header = f"| {'method':<40} | {'rows':>5} | {'rows/s':>8} | {'x forward time':>14} | {'x LESS speed':>12} | {'peak +MB':>8} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for r in results:
+        per_row = r["seconds"] / r["rows"]
+        print(f"| {r['method']:<40} | {r['rows']:>5} | {r['rows_per_s']:>8.2f} | {per_row / floor:>14.2f} | {less / per_row:>12.1f} | {r['peak_mb']:>8.0f} |")
+
+
+def rows_subset(examples, n):
+    """The first n rows as their own LMExamples (the LESS way is slow; it scores fewer rows)."""
+    from dyn.core.lm import LMExamples
+
+    n = min(n, len(examples))
+    return LMExamples(
+        input_ids=examples.input_ids[:n], prompt_lengths=examples.prompt_lengths[:n],
+        response_tokens=examples.response_tokens[:n], truncated=examples.truncated[:n], max_length=examples.max_length,
+    )
+
+
+if __name__ == "__main__":
+    main()

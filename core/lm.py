@@ -119,13 +119,14 @@ def resolve_example_format(
     takes the prompt from a `prompt` column when there is one, else trains on the column with no
     prompt; `--template` alone takes the response from a `completion` column.
     """
-    from dyn.core.text import template_fields
+    from dyn.core.text import template_fields, unescape_template
 
     def need(column: str, what: str) -> None:
         if column not in columns:
             raise DataError(f"{source}: no column '{column}' ({what}); columns are: {', '.join(columns)}")
 
     if template is not None:
+        template = unescape_template(template)
         names = template_fields(template)
         if not names:
             raise UsageError(f"--template {template!r} names no column; write e.g. '{{question}}'")
@@ -206,7 +207,7 @@ def row_prompts_and_responses(
 ):
     """(prompts, responses, rows) for every usable row; malformed rows raise a DataError naming the
     row, or with `skip_bad_rows` are dropped and counted in `rows.skipped`."""
-    from dyn.core.text import template_fields
+    from dyn.core.text import template_fields, unescape_template
 
     dataset = rows.dataset
     if fmt.messages_field:

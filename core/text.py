@@ -45,6 +45,7 @@ def resolve_text_spec(columns: list[str], text_field: str | None, template: str 
             raise DataError(f"{source}: no column '{text_field}'; columns are: {', '.join(columns)}")
         return TextSpec(messages_field=text_field) if text_field == "messages" else TextSpec(field=text_field)
     if template:
+        template = unescape_template(template)
         names = template_fields(template)
         if not names:
             raise UsageError(f"--template {template!r} names no column; write e.g. '{{prompt}}\\n{{completion}}'")
@@ -65,6 +66,11 @@ def resolve_text_spec(columns: list[str], text_field: str | None, template: str 
         f"{source}: cannot tell which text to use; pass --text-field COLUMN or --template "
         f"'{{a}} {{b}}'; columns are: {', '.join(columns)}"
     )
+
+
+def unescape_template(template: str) -> str:
+    """Read `\\n` and `\\t` typed in a shell (`--template "{prompt}\\n{completion}"`) as newline and tab."""
+    return template.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def template_fields(template: str) -> list[str]:

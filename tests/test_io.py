@@ -675,3 +675,10 @@ def test_json_lines_with_unicode_line_separators_inside_strings(tmp_path):
     loaded = read_rows(str(path))
     assert loaded.dataset["text"] == [r["text"] for r in rows]
     assert loaded.line_numbers.tolist() == [1, 2, 3]
+
+
+def test_template_typed_in_a_shell_reads_backslash_n_as_a_newline():
+    from dyn.core.text import resolve_text_spec
+
+    spec = resolve_text_spec(["prompt", "completion"], None, r"{prompt}\n{completion}", "x.jsonl")
+    assert spec.template == "{prompt}\n{completion}"

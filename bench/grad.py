@@ -8,8 +8,10 @@ preset) with eager attention and a byte-level BPE trained on the rows; rows: GSM
 weights, so nothing is trained. Methods:
 
 - forward: per-row losses only (no gradient) — the floor every method pays;
-- directional: dyn's default engine, one forward-mode JVP per batch along ḡ (the anchor mean
-  gradient, computed once and timed apart) — every row's exact ⟨∇ℓ_i, ḡ⟩;
+- directional: dyn's default engine — every row's exact ⟨∇ℓ_i, ḡ⟩ (ḡ: the anchor mean gradient,
+  computed once and timed apart), by its two routes: layer hooks (one forward + one activation
+  backward, sum((u ḡ) ⊙ v) per layer; what dyn uses for GPT-2) and one forward-mode JVP per batch
+  (dyn's route for parameters the hooks do not cover);
 - store: dyn's store engine, per-sample gradients from layer hooks projected per layer with a
   factored (LoGra) projection of `--proj-dim` per parameter, float16 rows (no disk);
 - less: the LESS/CLUES way — batch size 1, the full per-sample gradient by autograd, a dense
@@ -23,9 +25,11 @@ weights, so nothing is trained. Methods:
   per buffer on this CPU (run that with `--less-rows 0`).
 
 Reported: rows/s, time relative to forward, speed relative to `less`, and the peak resident memory
-added while each method runs (sampled from /proc/self/statm). Also the agreement of directional and
-store with the exact per-sample gradients on a few rows. These machines are shared and noisy:
-read the ratios, not the absolute times.
+each method adds over the model and rows (forward/directional/store each in a fresh subprocess,
+sampled resident size above the level just before it runs, after `malloc_trim`, since freed memory
+the allocator keeps would hide it in a shared process; for `less`, the held projection matrix plus
+a buffer of 16 gradients). Also the agreement of directional with the exact per-sample gradients on a few rows.
+These machines are shared and noisy: read the ratios, not the absolute times.
 
     python bench/grad.py --threads 1                                   # 128 rows, less on 32
     python bench/grad.py --threads 1 --hidden 256 --heads 4 --vocab 4096 --less-rows 0   # `small`
@@ -135,6 +139,15 @@ def forward_only(model, params, row_batches, _):
 
 
 def directional(model, params, row_batches, mean):
+    """The hooks route (dyn's default for these layers)."""
+    from dyn.influence.directional import hooked_directional_derivatives
+    from dyn.influence.exact import unflatten
+
+    direction = [unflatten(mean, params)]
+    return [hooked_directional_derivatives(model, params, b, direction)[1][:, 0] for b in row_batches]
+
+
+def directional_jvp(model, params, row_batches, mean):
     from dyn.influence.directional import directional_derivatives
     from dyn.influence.exact import unflatten
 
@@ -192,12 +205,10 @@ def less_way(model, params, rows, pad, projector, target, interval: int = 16):
 
 
 def timed(label, fn, rows_count):
-    with PeakMemory() as memory:
-        start = now()
-        out = fn()
-        seconds = now() - start
-    return {"method": label, "rows": rows_count, "seconds": seconds, "rows_per_s": rows_count / seconds,
-            "peak_mb": memory.added_mb, "out": out}
+    start = now()
+    out = fn()
+    seconds = now() - start
+    return {"method": label, "rows": rows_count, "seconds": seconds, "rows_per_s": rows_count / seconds, "out": out}
 
 
 def main():
@@ -215,9 +226,12 @@ def main():
     parser.add_argument("--proj-dim", type=int, default=1024, help="store engine: projected size per parameter")
     parser.add_argument("--less-dim", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one method's memory in a child
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.only:
+        return measure_memory_only(args)
 
     from dyn.influence.exact import exact_row_gradients
     from dyn.influence.mean_gradient import mean_gradient
@@ -237,17 +251,21 @@ def main():
     anchor_seconds = now() - start
     forward_only(model, params, row_batches[:1], None)  # warm up kernels and lazy imports
     directional(model, params, row_batches[:1], mean)
+    directional_jvp(model, params, row_batches[:1], mean)
     store(model, params, row_batches[:1], mean, args.proj_dim)
 
+    memory = {name: child_peak_mb(name) for name in ("forward", "directional", "jvp", "store")}
     results = [
         timed("forward (floor)", lambda: forward_only(model, params, row_batches, None), len(rows)),
-        timed("directional (dyn default)", lambda: directional(model, params, row_batches, mean), len(rows)),
+        timed("directional, hooks (dyn default)", lambda: directional(model, params, row_batches, mean), len(rows)),
+        timed("directional, forward-mode JVP", lambda: directional_jvp(model, params, row_batches, mean), len(rows)),
         timed(f"store (dyn, LoGra {args.proj_dim}/parameter)", lambda: store(model, params, row_batches, mean, args.proj_dim), len(rows)),
     ]
     less_note = "LESS way skipped (--less-rows 0)"
     if args.less_rows:
         with PeakMemory() as held:
             projector = DenseRademacher(params.numel, args.less_dim, max_gb=args.less_matrix_gb)
+        memory["less"] = held.added_mb + 16 * params.numel * 4 / 2**20  # the matrix + a buffer of 16 gradients
         target = projector.project(mean.view(1, -1))[0]
         less_rows = rows_subset(rows, args.less_rows)
         results.append(timed(f"LESS/CLUES way (batch 1, dense {args.less_dim})", lambda: less_way(model, params, less_rows, pad, projector, target), len(less_rows)))
@@ -259,20 +277,54 @@ def main():
     check = {k: v[:4] for k, v in row_batches[0].items()}
     _, exact = exact_row_gradients(model, params, check)
     exact_scores = exact.double() @ mean.double()
-    dir_scores = directional(model, params, [check], mean)[0]
-    relative = float((dir_scores - exact_scores).abs().max() / exact_scores.abs().max())
+    relative = {name: float((fn(model, params, [check], mean)[0] - exact_scores).abs().max() / exact_scores.abs().max())
+                for name, fn in (("hooks", directional), ("JVP", directional_jvp))}
 
     floor = results[0]["seconds"] / results[0]["rows"]
     less = results[-1]["seconds"] / results[-1]["rows"] if args.less_rows else float("nan")
     print(f"\n{less_note}")
     print(f"anchor mean gradient (once per checkpoint): {anchor_seconds:.2f}s for {len(anchors)} anchors")
-    print(f"directional vs exact per-sample gradients: max relative difference {relative:.2e}\n")
+    print("directional vs exact per-sample gradients, max relative difference: "
+          + ", ".join(f"{name} {value:.2e}" for name, value in relative.items()) + "\n")
     header = f"| {'method':<40} | {'rows':>5} | {'rows/s':>8} | {'x forward time':>14} | {'x LESS speed':>12} | {'peak +MB':>8} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for r in results:
+    for r, name in zip(results, ("forward", "directional", "jvp", "store", "less")):
         per_row = r["seconds"] / r["rows"]
-        print(f"| {r['method']:<40} | {r['rows']:>5} | {r['rows_per_s']:>8.2f} | {per_row / floor:>14.2f} | {less / per_row:>12.1f} | {r['peak_mb']:>8.0f} |")
+        print(f"| {r['method']:<40} | {r['rows']:>5} | {r['rows_per_s']:>8.2f} | {per_row / floor:>14.2f} | {less / per_row:>12.1f} | {memory[name]:>8.0f} |")
+
+
+def child_peak_mb(method: str) -> float:
+    """Peak memory `method` adds, measured in a fresh process with the same arguments."""
+    import subprocess
+    import sys
+
+    argv = [a for a in sys.argv[1:]]
+    out = subprocess.run([sys.executable, __file__, *argv, "--only", method], capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_added_mb"])
+
+
+def measure_memory_only(args):
+    """In a child: build the same model and rows, run one method, print the memory it added."""
+    import ctypes
+    import gc
+
+    from dyn.influence.mean_gradient import mean_gradient
+    from dyn.influence.parameters import select_parameters
+
+    model, rows, anchors, pad = build(args)
+    params = select_parameters(model)
+    row_batches = batches(rows, pad, args.batch_tokens)
+    mean = mean_gradient(model, params, batches(anchors, pad, args.batch_tokens)).vector
+    run = {"forward": lambda: forward_only(model, params, row_batches, None),
+           "directional": lambda: directional(model, params, row_batches, mean),
+           "jvp": lambda: directional_jvp(model, params, row_batches, mean),
+           "store": lambda: store(model, params, row_batches, mean, args.proj_dim)}[args.only]
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand cached free memory back, so growth shows in RSS
+    with PeakMemory() as peak:
+        run()
+    print(json.dumps({"method": args.only, "peak_added_mb": peak.added_mb}))
 
 
 def rows_subset(examples, n):

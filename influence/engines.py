@@ -2,7 +2,8 @@
 the same numbers at different cost (DESIGN §4.2):
 
 - directional (default for dot products): ḡ_{c,G} from batched backward passes over the anchors,
-  then one forward-mode JVP per batch gives every row's exact ⟨∇ℓ_i, ḡ⟩ (influence.directional);
+  then every row's exact ⟨∇ℓ_i, ḡ⟩ per batch, from layer hooks where they cover every scored
+  parameter, else from one forward-mode JVP (influence.directional);
 - store (needed for cosine and Adam's Γ_c): projected per-sample gradients from layer hooks,
   written to a gradient store by rank and read back (influence.features, influence.store);
 - exact (the oracle): batch-size-1 autograd, full flattened gradients in memory (influence.exact).
@@ -59,6 +60,7 @@ class CheckpointContext:
     model_hash: str = ""
     rows_hash: str = ""
     anchors_hash: str = ""
+    route: str = ""  # set by the engine: how the numbers were computed
 
 
 def score_checkpoint(settings: EngineSettings, model, params, moments, rows: RowBatches, anchors: RowBatches,
@@ -102,15 +104,20 @@ def _where_in_batches(source: RowBatches, batch_ids: list[int], batch: int, row:
 # --------------------------------------------------------------------------- directional
 
 def _directional(settings, model, params, moments, rows, anchors, ctx):
-    from dyn.influence.directional import directional_derivatives, use_eager_attention
+    from dyn.influence.directional import (
+        directional_derivatives, hooked_directional_derivatives, hooks_cover, use_eager_attention,
+    )
     from dyn.influence.exact import unflatten
 
-    use_eager_attention(model)
+    derivatives = hooked_directional_derivatives if hooks_cover(model, params) else directional_derivatives
+    ctx.route = "layer hooks" if derivatives is hooked_directional_derivatives else "forward-mode JVP"
+    if derivatives is directional_derivatives:
+        use_eager_attention(model)
     directions = [unflatten(g, params) for g in anchor_mean_gradients(model, params, anchors, ctx.step)]
 
     def scores_of(source):
         def compute(j, batch):
-            losses, values = directional_derivatives(model, params, batch, directions)
+            losses, values = derivatives(model, params, batch, directions)
             check_finite(source, source.batches[j], losses, values, ctx.step)
             return values.cpu().numpy()
         return assemble(source, map_batches(source, compute, f"step {ctx.step}: directional scores"), len(directions))
@@ -151,6 +158,7 @@ def _centres(settings, anchor_plain: np.ndarray, anchors: RowBatches) -> np.ndar
 def _exact(settings, model, params, moments, rows, anchors, ctx):
     from dyn.influence.exact import adam_precondition_flat, exact_row_gradients
 
+    ctx.route = "batch-size-1 autograd"
     def gradients(source, both):
         def compute(j, batch):
             losses, grads = exact_row_gradients(model, params, batch)
@@ -176,6 +184,7 @@ def _store(settings, model, params, moments, rows, anchors, ctx):
 
     features = GradientFeatures(model, params, settings.proj_dim, settings.seed, moments)
     kind = "adam" if moments is not None else "plain"
+    ctx.route = f"projected per-sample gradients ({features.dim} dims)"
     store = settings.store
     row_part = store.part(ctx.step, ctx.model_hash, "rows", kind, ctx.rows_hash)
     anchor_parts = {"plain": store.part(ctx.step, ctx.model_hash, "anchors", "plain", ctx.anchors_hash)}

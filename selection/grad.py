@@ -271,7 +271,7 @@ class _ScoringState:
                     f"out of memory while scoring {checkpoint.path} on {self.device}; lower --batch-tokens "
                     f"(now {self.rows_budget} padded tokens per batch) or --max-length"
                 ) from None
-        self.models.append({"step": checkpoint.step, "path": str(checkpoint.path), "weight": checkpoint.weight})
+        self.models.append({"step": checkpoint.step, "path": str(checkpoint.path), "weight": checkpoint.weight, "route": ctx.route})
         self.record.add_model(f"checkpoint-{checkpoint.step}", str(checkpoint.path), model_hash or checkpoint_hash(checkpoint),
                               weight=checkpoint.weight, parameters=params.describe())
         del model

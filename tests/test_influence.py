@@ -105,6 +105,20 @@ def test_directional_equals_exact_within_1e4_in_float32(model):
     np.testing.assert_allclose(jvp_losses.numpy(), losses.numpy(), rtol=1e-5)
 
 
+def test_hooked_directional_equals_exact_for_several_directions_at_once(model):
+    from dyn.influence.directional import hooked_directional_derivatives, hooks_cover
+
+    batch = padded_batch(seed=12)
+    params = select_parameters(model)
+    assert hooks_cover(model, params)
+    _, grads = exact_row_gradients(model, params, batch)
+    directions = torch.randn(3, params.numel, generator=torch.Generator().manual_seed(4))
+    _, values = hooked_directional_derivatives(model, params, batch, [unflatten(d, params) for d in directions])
+    assert torch.isnan(values[2]).all()
+    for g in range(3):
+        assert relative_error(values[:, g], grads @ directions[g]) < 1e-5
+
+
 def test_directional_equals_exact_to_1e6_in_float64():
     """A float64 model pins the agreement tighter; the cross-entropy itself stays float32
     (core.lm.per_token_losses), which bounds it near float32's epsilon."""

@@ -108,7 +108,7 @@ def select_command(
     proj_dim: int = typer.Option(1024, "--proj-dim", help="grad, store engine: projected size of each parameter's gradient (about sqrt a side for matrices)."),
     response_field: Optional[str] = typer.Option(None, "--response-field", help="grad: column holding the response (the loss is on its tokens); --template gives the prompt. Default: what the checkpoints were trained with."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="grad: truncate examples to this many tokens (default: the warm-up run's, else the model's context)."),
-    num_processes: int = typer.Option(1, "--num-processes", help="Run as N worker processes (torch.distributed; gloo on CPU): the embedding pass is sharded, the output is identical."),
+    num_processes: int = typer.Option(1, "--num-processes", help="Run as N worker processes (torch.distributed; gloo on CPU): the embedding (hmin) or scoring (grad) pass is sharded, the output is identical."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file whose keys are these flag names; flags given here win."),
     json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON object on stdout."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress or summary on stderr."),

@@ -128,16 +128,19 @@ def load_scoring_model(checkpoint: ScoringCheckpoint):
     return model.eval(), tokenizer
 
 
-def checkpoint_hash(checkpoint: ScoringCheckpoint) -> str:
-    """Content hash of the checkpoint's model (and, for an adapter, of its base model too)."""
-    from dyn.core.hashing import json_sha256
+def checkpoint_hash(checkpoint: ScoringCheckpoint, with_optimizer: bool = False) -> str:
+    """Content hash of the checkpoint's model (and, for an adapter, of its base model too; with
+    `with_optimizer`, of its optimizer.pt as well: Γ_c = adam depends on it)."""
+    from dyn.core.hashing import file_sha256, json_sha256
     from dyn.core.models import ModelSource, adapter_base_path, model_content_hash
 
-    own = model_content_hash(ModelSource("folder", str(checkpoint.path)))
+    parts = [model_content_hash(ModelSource("folder", str(checkpoint.path)))]
     base = adapter_base_path(str(checkpoint.path))
-    if base is None:
-        return own
-    return json_sha256([own, model_content_hash(ModelSource("folder", base))])
+    if base is not None:
+        parts.append(model_content_hash(ModelSource("folder", base)))
+    if with_optimizer:
+        parts.append(file_sha256(checkpoint.path / "optimizer.pt"))
+    return parts[0] if len(parts) == 1 else json_sha256(parts)
 
 
 def adam_moments(checkpoint: ScoringCheckpoint):

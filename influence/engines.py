@@ -159,6 +159,7 @@ def _exact(settings, model, params, moments, rows, anchors, ctx):
     from dyn.influence.exact import adam_precondition_flat, exact_row_gradients
 
     ctx.route = "batch-size-1 autograd"
+
     def gradients(source, both):
         def compute(j, batch):
             losses, grads = exact_row_gradients(model, params, batch)

@@ -256,7 +256,7 @@ class _ScoringState:
                 self.signature = signature
             check_same_architecture(self.signature, signature, checkpoint)
             moments = adam_moments(checkpoint) if self.req.precondition == "adam" else None
-            model_hash = checkpoint_hash(checkpoint) if self.engine == "store" else ""
+            model_hash = checkpoint_hash(checkpoint, with_optimizer=moments is not None) if self.engine == "store" else ""
         if self.engine == "store" and self.store is None:
             self._open_store()
         settings = EngineSettings(self.engine, self.req.similarity, self.req.proj_dim, self.req.seed, self.store)

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from dyn.cli.select import Precision
+
 # "\b" keeps Click from re-wrapping the paragraph that follows (long commands stay copyable).
 EXAMPLES = """
 Examples:
@@ -29,12 +31,6 @@ class Schedule(str, Enum):
     linear = "linear"
     cosine = "cosine"
     constant = "constant"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
 
 
 def train_command(

@@ -29,6 +29,8 @@ import numpy as np
 
 from dyn.core.errors import DataError, UsageError
 
+from dyn.core.text import BadText, as_text
+
 IGNORE_INDEX = -100
 
 # Reasons a row has no response token to learn from (reported, never silently dropped).
@@ -162,19 +164,6 @@ def resolve_example_format(
     )
 
 
-class _BadRow(Exception):
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def _text(value, column: str) -> str:
-    if isinstance(value, str):
-        return value
-    kind = "null" if value is None else type(value).__name__
-    raise _BadRow(f"column '{column}' is {kind}, not text", f"non-string text in '{column}'")
-
-
 def split_messages(messages, tokenizer=None) -> tuple[str, str]:
     """A chat row as (prompt, response): the response is the last assistant message.
 
@@ -183,13 +172,13 @@ def split_messages(messages, tokenizer=None) -> tuple[str, str]:
     included); without one, "role: content" lines and a final "assistant: ".
     """
     if not isinstance(messages, list) or not messages:
-        raise _BadRow("'messages' is not a non-empty list of {role, content}", "malformed messages")
+        raise BadText("'messages' is not a non-empty list of {role, content}", "malformed messages")
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("content"), str) or not isinstance(message.get("role"), str):
-            raise _BadRow("a message lacks a string 'role' or 'content'", "malformed messages")
+            raise BadText("a message lacks a string 'role' or 'content'", "malformed messages")
     replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not replies:
-        raise _BadRow("'messages' has no assistant message to learn", "no assistant message")
+        raise BadText("'messages' has no assistant message to learn", "no assistant message")
     last = replies[-1]
     before, reply = messages[:last], messages[last]
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
@@ -223,9 +212,9 @@ def row_prompts_and_responses(
         def render(i):
             prompt = ""
             if fmt.template:
-                prompt = fmt.template.format(**{n: _text(columns[n][i], n) for n in names})
+                prompt = fmt.template.format(**{n: as_text(columns[n][i], n) for n in names})
                 prompt += fmt.separator
-            return prompt, _text(responses[i], fmt.response_field)
+            return prompt, as_text(responses[i], fmt.response_field)
 
     prompts, answers = [], []
     bad = np.zeros(len(dataset), dtype=bool)
@@ -233,7 +222,7 @@ def row_prompts_and_responses(
     for i in range(len(dataset)):
         try:
             prompt, response = render(i)
-        except _BadRow as exc:
+        except BadText as exc:
             if not skip_bad_rows:
                 raise DataError(f"{rows.where(i)}: {exc}; fix it or pass --skip-bad-rows") from None
             bad[i] = True

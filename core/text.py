@@ -103,7 +103,7 @@ def extract_texts(
     reasons: Counter = Counter()
     if spec.field:
         values = dataset[spec.field]
-        render = lambda i: _as_text(values[i], spec.field)  # noqa: E731
+        render = lambda i: as_text(values[i], spec.field)  # noqa: E731
     elif spec.template:
         names = template_fields(spec.template)
         columns = {n: dataset[n] for n in names}
@@ -114,7 +114,7 @@ def extract_texts(
     for i in range(len(dataset)):
         try:
             texts.append(render(i))
-        except _BadText as exc:
+        except BadText as exc:
             if not skip_bad_rows:
                 raise DataError(f"{rows.where(i)}: {exc}; fix it or pass --skip-bad-rows") from None
             bad[i] = True
@@ -124,34 +124,36 @@ def extract_texts(
     return texts, rows
 
 
-class _BadText(Exception):
+class BadText(Exception):
+    """A row whose text cannot be used; `reason` is the count key under --skip-bad-rows."""
+
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
 
 
-def _as_text(value, column: str) -> str:
+def as_text(value, column: str) -> str:
     if isinstance(value, str):
         return value
     kind = "null" if value is None else type(value).__name__
-    raise _BadText(f"column '{column}' is {kind}, not text", f"non-string text in '{column}'")
+    raise BadText(f"column '{column}' is {kind}, not text", f"non-string text in '{column}'")
 
 
 def _format_template(template: str, values: dict) -> str:
     for name, value in values.items():
         if value is None or isinstance(value, (list, dict)):
             kind = "null" if value is None else type(value).__name__
-            raise _BadText(f"column '{name}' is {kind}, not text", f"non-string text in '{name}'")
+            raise BadText(f"column '{name}' is {kind}, not text", f"non-string text in '{name}'")
     return template.format(**values)
 
 
 def render_messages(messages, tokenizer=None) -> str:
     """Render a chat `messages` list: the tokenizer's chat template if it has one, else role lines."""
     if not isinstance(messages, list) or not messages:
-        raise _BadText("'messages' is not a non-empty list of {role, content}", "malformed messages")
+        raise BadText("'messages' is not a non-empty list of {role, content}", "malformed messages")
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("content"), str) or not isinstance(message.get("role"), str):
-            raise _BadText("a message lacks a string 'role' or 'content'", "malformed messages")
+            raise BadText("a message lacks a string 'role' or 'content'", "malformed messages")
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False)
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)

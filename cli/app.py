@@ -21,6 +21,8 @@ from dyn.cli.inspect import EXAMPLES as INSPECT_EXAMPLES  # noqa: E402
 from dyn.cli.inspect import inspect_command  # noqa: E402
 from dyn.cli.select import EXAMPLES as SELECT_EXAMPLES  # noqa: E402
 from dyn.cli.select import select_command  # noqa: E402
+from dyn.cli.score import EXAMPLES as SCORE_EXAMPLES  # noqa: E402
+from dyn.cli.score import score_command  # noqa: E402
 from dyn.cli.train import EXAMPLES as TRAIN_EXAMPLES, train_command  # noqa: E402
 
 app = typer.Typer(
@@ -34,6 +36,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("select", epilog=SELECT_EXAMPLES, no_args_is_help=True)(select_command)
+app.command("score", epilog=SCORE_EXAMPLES, no_args_is_help=True)(score_command)
 app.command("inspect", epilog=INSPECT_EXAMPLES, no_args_is_help=True)(inspect_command)
 app.command("train", epilog=TRAIN_EXAMPLES, no_args_is_help=True)(train_command)
 

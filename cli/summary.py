@@ -47,7 +47,8 @@ def _table(title: str, summary: dict) -> None:
     table.add_row("time", ", ".join(f"{name} {seconds:.1f}s" for name, seconds in timings.items()), "")
     console = Console(stderr=True, highlight=False)
     console.print(table)
-    console.print(f"wrote {summary['output']} and {summary['run_record']}")
+    written = [summary["output"], summary["run_record"]] + ([summary["plot"]] if summary.get("plot") else [])
+    console.print("wrote " + ", ".join(written))
 
 
 def _plain(value):

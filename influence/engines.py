@@ -8,7 +8,7 @@ the same numbers at different cost (DESIGN §4.2):
   written to a gradient store by rank and read back (influence.features, influence.store);
 - exact (the oracle): batch-size-1 autograd, full flattened gradients in memory (influence.exact).
 
-Rows are shared out by batch over the ranks (influence.batches); anchors' mean gradients are
+Rows are shared out by batch over the ranks (core.lm_batches); anchors' mean gradients are
 computed by every rank over the same batches, so every rank holds the same ḡ.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dyn.core.errors import DataError, UsageError
-from dyn.influence.batches import RowBatches, map_batches
+from dyn.core.lm_batches import RowBatches, map_batches
 from dyn.influence.scores import CheckpointScores, feature_scores, group_means, unit_rows
 
 ENGINES = ("directional", "store", "exact")

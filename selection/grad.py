@@ -49,6 +49,8 @@ class GradRequest:
     device: str = "auto"
     skip_bad_rows: bool = False
     split: str | None = None
+    score_only: bool = False
+    plot: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -64,6 +66,8 @@ def check_grad_request(req: GradRequest) -> str:
     if not req.checkpoints:
         raise UsageError("--method grad needs --checkpoints DIR: a `dyn train` run folder (or checkpoint/model folders)")
     given = [name for name, value in (("-k", req.k), ("--fraction", req.fraction), ("--threshold", req.threshold)) if value is not None]
+    if req.score_only and given:
+        raise UsageError(f"dyn score keeps every row; {', '.join(given)} belong to dyn select")
     if len(given) > 1:
         raise UsageError(f"{' and '.join(given)} are alternatives; give one (or none: keep rows scoring at least the mean anchor score)")
     if req.k is not None and req.k < 1:
@@ -81,6 +85,10 @@ def check_grad_request(req: GradRequest) -> str:
         raise UsageError(f"--proj-dim {req.proj_dim}: must be at least 1")
     if req.batch_tokens is not None and req.batch_tokens < 16:
         raise UsageError(f"--batch-tokens {req.batch_tokens}: must be at least 16")
+    if req.plot:
+        from dyn.core.plot import check_plotting_available
+
+        check_plotting_available()
     check_output_path(req.output, [req.data, req.anchor])
     if req.store is not None:
         store, output = Path(req.store).resolve(), Path(req.output).resolve()
@@ -94,13 +102,14 @@ def run_grad_selection(req: GradRequest) -> dict | None:
     from dyn.core.distributed import world
     from dyn.core.embeddings import resolve_device
     from dyn.core.io import check_output_columns, read_rows, write_rows
-    from dyn.core.runrecord import RunRecord, record_path
+    from dyn.core.runrecord import RunRecord
     from dyn.influence.checkpoints import scoring_plan
-    from dyn.selection.result import SelectionResult, output_rows
+    from dyn.core.plot import score_histogram
+    from dyn.selection.result import SelectionResult, finish_run, output_rows, ranks_by_row
 
     engine = check_grad_request(req)
     w = world()
-    record = RunRecord("select --method grad", {k: v for k, v in asdict(req).items() if k != "extra"} | req.extra)
+    record = RunRecord(("score" if req.score_only else "select") + " --method grad", {k: v for k, v in asdict(req).items() if k != "extra"} | req.extra)
     record.data["world_size"] = w.size
     device = resolve_device(req.device)
     record.data["device"] = device
@@ -133,35 +142,35 @@ def run_grad_selection(req: GradRequest) -> dict | None:
     scored = int(np.isfinite(combined.rows).sum())
     if scored == 0:
         raise DataError(f"{loaded.source}: no row has a response token to score ({dict(state.rows.examples.no_response)})")
-    kept, threshold = keep_rows(combined.rows, combined.anchors, rule)
-    if not len(kept):
-        from dyn.core import progress
+    if req.score_only:
+        kept, threshold = np.arange(len(combined.rows)), None
+        ranks = ranks_by_row(keep_rows(combined.rows, combined.anchors, KeepRule(fraction=1.0))[0], len(kept))
+    else:
+        kept, threshold = keep_rows(combined.rows, combined.anchors, rule)
+        ranks = np.arange(len(kept), dtype=np.int64)
+        if not len(kept):
+            from dyn.core import progress
 
-        progress.warn(f"no row scored at least {threshold:.4g} ({rule.describe()}); the output is empty")
-    columns = {"dyn_rank": np.arange(len(kept), dtype=np.int64), "dyn_score": combined.rows[kept]}
+            progress.warn(f"no row scored at least {threshold:.4g} ({rule.describe()}); the output is empty")
+    columns = {"dyn_rank": ranks, "dyn_score": combined.rows[kept]}
     for step, values in combined.per_checkpoint.items():
         columns[f"dyn_score_ckpt{step}"] = values[kept]
     figures = state.figures(combined, rule, threshold, kept, loaded)
+    figures["histogram"] = score_histogram(combined.rows)
+    if req.score_only:
+        figures["keep_rule"] = "every row (score)"
     result = SelectionResult(kept, columns, figures)
     with record.phase("write"):
         write_rows(output_rows(loaded, result), req.output)
+    plot = None
+    if req.plot:
+        from dyn.core.plot import plot_scores_beside
+
+        plot = plot_scores_beside(req.output, combined.rows, title=f"grad scores ({loaded.source})",
+                                  kept=None if req.score_only else kept, xlabel="checkpoint-weighted gradient agreement")
     record.add_input(req.data, loaded.rows_in_source)
     record.add_input(req.anchor, anchor_loaded.rows_in_source, role="anchor")
-    record.add_skipped(loaded.skipped)
-    record.data["figures"] = figures
-    run_record = record_path(req.output)
-    record.write(run_record)
-    return {
-        "output": req.output,
-        "run_record": run_record,
-        "rows_in": loaded.rows_in_source,
-        "rows_used": len(loaded.dataset),
-        "rows_scored": scored,
-        "rows_out": len(kept),
-        "skipped_rows": dict(loaded.skipped),
-        "figures": figures,
-        "timings_s": record.data["timings_s"],
-    }
+    return finish_run(record, loaded, req.output, figures, plot=plot, rows_scored=scored, rows_out=len(kept))
 
 
 class _ScoringState:
@@ -182,7 +191,7 @@ class _ScoringState:
     def prepare_rows(self, loaded, anchor_loaded):
         from dyn.core.lm import build_lm_examples, pad_token_id
         from dyn.core.models import context_length
-        from dyn.influence.batches import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, plan_row_batches
+        from dyn.core.lm_batches import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, plan_row_batches
         from dyn.influence.checkpoints import load_scoring_model
 
         first = self.plan[0]

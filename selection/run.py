@@ -38,6 +38,8 @@ class SelectRequest:
     no_cache: bool = False
     skip_bad_rows: bool = False
     split: str | None = None
+    score_only: bool = False
+    plot: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -67,7 +69,11 @@ def check_request(req: SelectRequest) -> None:
     """Flag checks that need no data, so a bad command fails before any work."""
     from dyn.core.io import check_output_path
 
-    check_budget_flags(req.k, req.fraction)
+    if req.score_only:
+        if req.k is not None or req.fraction is not None:
+            raise UsageError("dyn score keeps every row (each gets its rank in the full greedy order); -k and --fraction belong to dyn select")
+    else:
+        check_budget_flags(req.k, req.fraction)
     if req.embedding_field and (req.embedding_model or req.text_field or req.template):
         raise UsageError("--embedding-field gives the vectors; do not combine it with --embedding-model, --text-field or --template")
     if req.stratify and req.stratify_clusters:
@@ -76,6 +82,10 @@ def check_request(req: SelectRequest) -> None:
         raise UsageError(f"--stratify-clusters {req.stratify_clusters}: must be at least 1")
     if req.batch_tokens is not None and req.batch_tokens < 16:
         raise UsageError(f"--batch-tokens {req.batch_tokens}: must be at least 16")
+    if req.plot:
+        from dyn.core.plot import check_plotting_available
+
+        check_plotting_available()
     check_output_path(req.output, [req.data])
 
 
@@ -84,19 +94,20 @@ def run_hmin_selection(req: SelectRequest) -> dict | None:
     from dyn.core.distributed import world
     from dyn.core.embeddings import resolve_device
     from dyn.core.io import check_output_columns, read_rows, write_rows
-    from dyn.core.runrecord import RunRecord, record_path
+    from dyn.core.runrecord import RunRecord
     from dyn.selection.hmin import HminSettings, select_hmin
-    from dyn.selection.result import output_rows
+    from dyn.core.plot import score_histogram
+    from dyn.selection.result import finish_run, in_input_order, output_rows
 
     check_request(req)
     w = world()
-    record = RunRecord("select --method hmin", {k: v for k, v in asdict(req).items() if k != "extra"} | req.extra)
+    record = RunRecord(("score" if req.score_only else "select") + " --method hmin", {k: v for k, v in asdict(req).items() if k != "extra"} | req.extra)
     record.data["world_size"] = w.size
     with record.phase("read"):
         loaded = read_rows(req.data, skip_bad_rows=req.skip_bad_rows, split=req.split)
     check_output_columns(loaded.dataset.data.table.schema, req.output)
     vectors, loaded = _row_vectors(loaded, req, record)
-    k = resolve_budget(req.k, req.fraction, len(loaded.dataset), loaded.source)
+    k = len(loaded.dataset) if req.score_only else resolve_budget(req.k, req.fraction, len(loaded.dataset), loaded.source)
     groups = _labels(loaded, req.stratify or req.group_field)
     if not w.is_main:
         return None
@@ -112,23 +123,20 @@ def run_hmin_selection(req: SelectRequest) -> dict | None:
     record.data["seeds"] = {"start_and_random_subset": req.seed}
     stratify = bool(req.stratify or req.stratify_clusters)
     result = select_hmin(vectors, settings, groups=groups, stratify=stratify, phase=record.phase)
+    inserted = np.asarray([np.nan if v is None else v for v in result.columns["dyn_hmin_at"]], dtype=np.float64)
+    result.figures["histogram"] = score_histogram(inserted)
+    if req.score_only:
+        result = in_input_order(result)
     with record.phase("write"):
         write_rows(output_rows(loaded, result), req.output)
+    plot = None
+    if req.plot:
+        from dyn.core.plot import plot_scores_beside
+
+        plot = plot_scores_beside(req.output, inserted, title=f"hmin insertion distances ({loaded.source})",
+                                  xlabel=f"{req.metric} distance to the rows chosen before")
     record.add_input(req.data, loaded.rows_in_source)
-    record.add_skipped(loaded.skipped)
-    record.data["figures"] = result.figures
-    run_record = record_path(req.output)
-    record.write(run_record)
-    return {
-        "output": req.output,
-        "run_record": run_record,
-        "rows_in": loaded.rows_in_source,
-        "rows_used": len(loaded.dataset),
-        "rows_out": len(result.rows),
-        "skipped_rows": dict(loaded.skipped),
-        "figures": result.figures,
-        "timings_s": record.data["timings_s"],
-    }
+    return finish_run(record, loaded, req.output, result.figures, plot=plot, rows_out=len(result.rows))
 
 
 def _row_vectors(loaded, req: SelectRequest, record):

@@ -172,3 +172,23 @@ def test_inspect_shows_columns_and_the_run_record(mix, tmp_path):
     assert text.exit_code == 0 and "4 rows" in text.stdout and "run record: select --method hmin" in text.stdout
     missing = run_cli("inspect", str(tmp_path / "absent.jsonl"))
     assert missing.exit_code == 2
+
+
+def test_score_ranks_every_row_in_input_order(mix, tmp_path):
+    rows, data = mix
+    scored, picked = tmp_path / "scored.parquet", tmp_path / "picked.jsonl"
+    template = "{prompt}\n{completion}"
+    result = run_cli("score", "--method", "hmin", str(data), "--template", template, "--plot", "-o", str(scored))
+    assert result.exit_code == 0, result.output
+    assert run_cli("select", "--method", "hmin", str(data), "-k", "40", "--template", template, "-o", str(picked)).exit_code == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(scored).to_pylist()
+    assert [r["dyn_index"] for r in table] == list(range(len(rows)))
+    assert sorted(r["dyn_rank"] for r in table) == list(range(len(rows)))
+    by_rank = sorted(table, key=lambda r: r["dyn_rank"])
+    assert [r["dyn_index"] for r in by_rank[:40]] == [r["dyn_index"] for r in read_jsonl(picked)], "the select order is a prefix"
+    assert json.loads((tmp_path / "scored.parquet.dyn.json").read_text())["command"] == "score --method hmin"
+    assert (tmp_path / "scored.parquet.scores.png").stat().st_size > 1000
+    refused = run_cli("score", "--method", "hmin", str(data), "-k", "5", "-o", str(tmp_path / "x.jsonl"))
+    assert refused.exit_code == 2 and "dyn score keeps every row" in refused.stderr

@@ -195,6 +195,26 @@ def test_two_processes_give_the_same_output_as_one(warm, tmp_path):
     assert not list(tmp_path.glob(".*dyn-grad-store*")), "the temporary store is removed"
 
 
+def test_score_writes_every_row_with_the_select_scores(warm, tmp_path):
+    scored, picked = tmp_path / "scored.jsonl", tmp_path / "picked.jsonl"
+    result = cli("score", "--method", "grad", warm["data"], "--anchor", warm["anchor"], "--checkpoints", warm["run"], "-o", scored, "-q")
+    assert result.exit_code == 0, result.output
+    assert select(warm, picked, "--fraction", 1).exit_code == 0
+    rows = read_jsonl(scored)
+    assert [r["dyn_index"] for r in rows] == list(range(len(warm["rows"])))
+    assert rows[5]["dyn_score"] is None and rows[5]["dyn_rank"] is None, "the empty answer has no score"
+    chosen = by_index(picked)
+    assert len(chosen) == len(rows) - 1
+    for r in rows:
+        if r["dyn_score"] is not None:
+            assert r["dyn_score"] == chosen[r["dyn_index"]]["dyn_score"]
+            assert r["dyn_rank"] == chosen[r["dyn_index"]]["dyn_rank"]
+            assert r["dyn_score_ckpt2"] == chosen[r["dyn_index"]]["dyn_score_ckpt2"]
+    refused = cli("score", "--method", "grad", warm["data"], "--anchor", warm["anchor"], "--checkpoints", warm["run"],
+                  "--threshold", 0, "-o", tmp_path / "x.jsonl")
+    assert refused.exit_code == 2 and "dyn score keeps every row" in refused.stderr
+
+
 def _fails(result, code: int, *phrases: str, folder: Path):
     assert result.exit_code == code, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("dyn:")]

@@ -7,9 +7,11 @@ cross-entropies of its learnable tokens (numpy's median: the mean of the two mid
 even count); a row with no learnable token gets NaN and no score. High scores mark rows that are
 hard for the small model yet within its reach.
 
-Only response tokens count (prompt and padding carry label -100, as everywhere in dyn: core.lm),
-and only their positions go through the softmax and top-k, so prompt length costs nothing but
-the forward pass. One forward pass per batch is the whole cost.
+Only response tokens count (prompt and padding carry label -100, as everywhere in dyn: core.lm).
+Where the model takes `logits_to_keep` (Hugging Face causal LMs do), its output layer runs only at
+the positions that predict a response token of some row in the batch, so the vocabulary-wide
+logits of prompt tokens are never formed: with long prompts and a large vocabulary that is most of
+a plain forward pass's memory traffic. The softmax and top-k then run only at response positions.
 """
 
 from __future__ import annotations
@@ -35,21 +37,21 @@ class SlmScores:
     tokens: np.ndarray
 
 
-def learnable_token_losses(logits, labels, top_k: int):
-    """(losses, learnable, counted, finite), each (batch, seq-1): float32 next-token cross-entropy
-    at the counted (response) positions, whether the true id is in the top_k there, which
-    positions count, and whether the loss there is finite. Losses are +inf outside the learnable
-    positions (so a sort puts them last)."""
+def learnable_token_losses(logits, targets, top_k: int):
+    """(losses, learnable, counted, finite), each shaped like `targets` (batch, positions), where
+    `logits[:, p]` predicts `targets[:, p]` (IGNORE_INDEX: not counted): float32 cross-entropy at
+    the counted positions, whether the true id is in the top_k there, which positions count, and
+    whether the loss there is finite. Losses are +inf outside the learnable positions (so a sort
+    puts them last)."""
     import torch
 
-    targets = labels[:, 1:]
     counted = targets != IGNORE_INDEX
     losses = torch.full(targets.shape, float("inf"), dtype=torch.float32, device=logits.device)
     learnable = torch.zeros_like(counted)
     finite = torch.ones_like(counted)
     if not counted.any():
         return losses, learnable, counted, finite
-    picked = logits[:, :-1, :][counted].float()
+    picked = logits[counted].float()
     true_ids = targets[counted]
     true_logit = picked.gather(1, true_ids.unsqueeze(1)).squeeze(1)
     kth_logit = picked.topk(top_k, dim=1).values[:, -1]
@@ -66,6 +68,8 @@ def median_of_learnable(losses, learnable):
     count); NaN for a row with none. `losses` holds +inf elsewhere, so sorting puts them last."""
     import torch
 
+    if losses.shape[1] == 0:
+        return torch.full(losses.shape[:1], float("nan"), dtype=losses.dtype, device=losses.device)
     ordered = losses.sort(dim=1).values
     count = learnable.sum(dim=1)
     low = ((count - 1).clamp_min(0) // 2).unsqueeze(1)
@@ -81,13 +85,30 @@ def batch_scores(model, batch: dict, top_k: int, autocast_dtype=None) -> tuple[n
 
     device_type = batch["input_ids"].device.type
     context = torch.autocast(device_type=device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    next_labels = batch["labels"][:, 1:]
+    keep = {}
+    if takes_logits_to_keep(model):
+        positions = torch.nonzero((next_labels != IGNORE_INDEX).any(dim=0)).squeeze(1)
+        keep = {"logits_to_keep": positions}
+        next_labels = next_labels[:, positions]
     with torch.inference_mode(), context:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **keep).logits
     with torch.inference_mode():
-        losses, learnable, counted, finite = learnable_token_losses(logits, batch["labels"], top_k)
+        if not keep:
+            logits = logits[:, :-1, :]
+        losses, learnable, counted, finite = learnable_token_losses(logits, next_labels, top_k)
         score = median_of_learnable(losses, learnable)
     return (score.cpu().numpy().astype(np.float64), learnable.sum(1).cpu().numpy(), counted.sum(1).cpu().numpy(),
             (~finite).any(1).cpu().numpy())
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM (or the one under a PEFT wrapper) computes logits only at given
+    positions (`logits_to_keep`, a tensor of sequence indices)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def score_rows(model, rows, top_k: int, precision: str = "float32") -> SlmScores:

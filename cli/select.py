@@ -248,11 +248,16 @@ def _slm_hard_rows(summary: dict) -> list[tuple[str, str]]:
         rows.append(("mean score kept / random subset", f"{kept.get('mean', float('nan')):.4f} / {random.get('mean', float('nan')):.4f}"))
     if figures["tokens"]["rows_truncated"]:
         rows.append(("rows cut to --max-length", str(figures["tokens"]["rows_truncated"])))
-    for place, group in enumerate((figures.get("groups") or [])[:5], start=1):
+    # Groups with a handful of scored rows have noisy means; the run record lists every group.
+    settled = [g for g in figures.get("groups") or [] if g["rows_scored"] >= MIN_GROUP_ROWS_SHOWN]
+    for place, group in enumerate(settled[:5], start=1):
         kept = f", {group['rows_kept']} kept" if "rows_kept" in group else ""
         mean = "-" if group["mean_score"] is None else f"{group['mean_score']:.4f}"
         rows.append((f"hardest group {place} (mean score)", f"{group['group']}: {mean} ({group['rows_scored']} scored{kept})"))
     return rows
+
+
+MIN_GROUP_ROWS_SHOWN = 5
 
 
 def _spread(stats: dict, histogram: dict, sparkline) -> str:

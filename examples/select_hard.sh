@@ -19,7 +19,7 @@ PY
 
 # 1. The small LM: the `tiny` GPT-2 preset with a byte-level BPE trained on its own rows.
 dyn train "$out/slm-train.jsonl" --model tiny --train-tokenizer --vocab-size 4096 --max-length 512 \
-    --max-steps 300 --batch-size 16 --lr 2e-3 -o "$out/slm" -q
+    --max-steps 200 --batch-size 16 --lr 2e-3 -o "$out/slm" -q
 
 # 2. Every pool row scored (median loss over the response tokens in the small LM's top 10),
 #    with a per-task report and a histogram beside the output.

@@ -303,11 +303,12 @@ def divergence(teacher_logp, student_logp, settings: KDLossSettings):
 
 def _kl(logp, logq):
     """KL(p ‖ q) over the last axis from log-probabilities; terms with p = 0 are 0 (with finite
-    gradients, which a plain p·(log p − log q) would not give)."""
+    gradients, which a plain p·(log p − log q) would not give). A NaN in p stays NaN, so a broken
+    teacher shows as a non-finite loss instead of a silent 0."""
     import torch
 
     p = logp.exp()
-    present = p > 0
+    present = p != 0
     safe_logp = torch.where(present, logp, torch.zeros_like(logp))
     terms = torch.where(present, p * (safe_logp - logq), torch.zeros_like(p))
     return terms.sum(dim=-1)

@@ -388,3 +388,16 @@ def test_bad_teacher_inputs():
         kd_of(student, targets, settings, teacher_log_probs=log_probs[:, :2], teacher_ids=ids[:, :2])
     with pytest.raises(UsageError, match="teacher vocabulary"):
         kd_token_losses_full(flat, torch.zeros(flat.shape[0], VOCAB + 2), settings)
+
+
+def test_a_nan_teacher_logit_gives_a_nan_loss_not_a_silent_zero():
+    import math
+
+    import torch
+
+    from dyn.distill.losses import KDLossSettings, kd_token_losses_full
+
+    student, teacher = torch.randn(3, 7), torch.randn(3, 7)
+    teacher[1, 2] = float("nan")
+    losses = kd_token_losses_full(student, teacher, KDLossSettings())
+    assert math.isnan(losses[1].item()) and torch.isfinite(losses[[0, 2]]).all()

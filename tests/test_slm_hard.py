@@ -275,3 +275,24 @@ def test_text_field_scores_whole_rows_and_long_rows_are_cut_with_a_count(slm, tm
     assert all(r["dyn_tokens"] <= 31 for r in rows) and sum(r["dyn_tokens"] == 31 for r in rows) >= 10
     figures = json.loads(result.stdout)["figures"]
     assert figures["tokens"]["rows_truncated"] == sum(r["dyn_tokens"] == 31 for r in rows)
+
+
+def test_unknown_token_rate_is_reported_when_the_vocabulary_does_not_cover_the_text(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>", "the", "cat", "sat", "on", "mat", "a"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    folder = tmp_path / "word-lm"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=len(words))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "the cat", "completion": "sat on the mat"}, {"prompt": "a dog", "completion": "ran far away"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = cli("score", "--method", "slm-hard", data, "--slm", folder, "--top-k", 8, "-o", tmp_path / "out.jsonl", "--json")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)["figures"]["tokens"]
+    assert figures["unknown_tokens"] == 4 and figures["unknown_token_rate"] == pytest.approx(4 / 13)
+    assert "unknown token" in result.stderr

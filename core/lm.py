@@ -121,23 +121,14 @@ def resolve_example_format(
     takes the prompt from a `prompt` column when there is one, else trains on the column with no
     prompt; `--template` alone takes the response from a `completion` column.
     """
-    from dyn.core.text import template_fields, unescape_template
+    from dyn.core.text import checked_template
 
     def need(column: str, what: str) -> None:
         if column not in columns:
             raise DataError(f"{source}: no column '{column}' ({what}); columns are: {', '.join(columns)}")
 
     if template is not None:
-        template = unescape_template(template)
-        names = template_fields(template)
-        if not names:
-            raise UsageError(f"--template {template!r} names no column; write e.g. '{{question}}'")
-        missing = [n for n in names if n not in columns]
-        if missing:
-            raise DataError(
-                f"{source}: --template names column(s) {', '.join(missing)} that do not exist; "
-                f"columns are: {', '.join(columns)}"
-            )
+        template, _ = checked_template(template, columns, source)
         if response_field is None:
             if "completion" not in columns:
                 raise UsageError(

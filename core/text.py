@@ -45,17 +45,7 @@ def resolve_text_spec(columns: list[str], text_field: str | None, template: str 
             raise DataError(f"{source}: no column '{text_field}'; columns are: {', '.join(columns)}")
         return TextSpec(messages_field=text_field) if text_field == "messages" else TextSpec(field=text_field)
     if template:
-        template = unescape_template(template)
-        names = template_fields(template)
-        if not names:
-            raise UsageError(f"--template {template!r} names no column; write e.g. '{{prompt}}\\n{{completion}}'")
-        missing = [n for n in names if n not in columns]
-        if missing:
-            raise DataError(
-                f"{source}: --template names column(s) {', '.join(missing)} that do not exist; "
-                f"columns are: {', '.join(columns)}"
-            )
-        return TextSpec(template=template)
+        return TextSpec(template=checked_template(template, columns, source)[0])
     if "text" in columns:
         return TextSpec(field="text")
     if "messages" in columns:
@@ -71,6 +61,22 @@ def resolve_text_spec(columns: list[str], text_field: str | None, template: str 
 def unescape_template(template: str) -> str:
     """Read `\\n` and `\\t` typed in a shell (`--template "{prompt}\\n{completion}"`) as newline and tab."""
     return template.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def checked_template(template: str, columns: list[str], source: str) -> tuple[str, list[str]]:
+    """`--template` with its \\n and \\t read as newline and tab, and the columns it names; a usage
+    error when it names none, a data error naming `source` when a named column does not exist."""
+    template = unescape_template(template)
+    names = template_fields(template)
+    if not names:
+        raise UsageError(f"--template {template!r} names no column; write e.g. '{{question}}'")
+    missing = [n for n in names if n not in columns]
+    if missing:
+        raise DataError(
+            f"{source}: --template names column(s) {', '.join(missing)} that do not exist; "
+            f"columns are: {', '.join(columns)}"
+        )
+    return template, names
 
 
 def template_fields(template: str) -> list[str]:

@@ -120,19 +120,13 @@ def read_prompts(path: str, prompt_field: str = "prompt", template: str | None =
     """The first `n` prompts of a rows file: `template` over its columns, else the `prompt_field`
     column; ids from its `prompt_id` column, else the row number."""
     from dyn.core.io import read_rows
-    from dyn.core.text import BadText, as_text, template_fields, unescape_template
+    from dyn.core.text import BadText, as_text, checked_template
 
     loaded = read_rows(path)
     dataset = loaded.dataset
     columns = dataset.column_names
     if template is not None:
-        template = unescape_template(template)
-        names = template_fields(template)
-        if not names:
-            raise UsageError(f"--template {template!r} names no column; write e.g. '{{question}}'")
-        missing = [c for c in names if c not in columns]
-        if missing:
-            raise DataError(f"{path}: --template names column(s) {', '.join(missing)} that do not exist; columns are: {', '.join(columns)}")
+        template, names = checked_template(template, columns, path)
     else:
         if prompt_field not in columns:
             raise DataError(f"{path}: no column '{prompt_field}' (--prompt-field); columns are: {', '.join(columns)}")

@@ -349,16 +349,6 @@ def test_missing_input_file(work):
     assert_fails(result, 2, f"{data}: no such file", work=work, before=before)
 
 
-@pytest.mark.parametrize("method", ["slm-hard"])
-def test_method_not_built_yet(work, method):
-    data = vector_file(work)
-    before = files_in(work)
-    result = CliRunner().invoke(
-        app, ["select", "--method", method, str(data), "-k", "2", "--embedding-field", "vec", "-o", str(work / "o.jsonl")]
-    )
-    assert_fails(result, 2, f"--method {method} is not built yet", "hmin", work=work, before=before)
-
-
 def test_unknown_method_name_is_refused_by_the_parser(work):
     data = vector_file(work)
     before = files_in(work)
@@ -373,10 +363,10 @@ def test_unknown_method_name_is_refused_by_the_parser(work):
 def test_config_with_an_unknown_key(work):
     data = vector_file(work)
     config = work / "run.yaml"
-    config.write_text("embedding-field: vec\nk: 3\ntop-k: 5\n")
+    config.write_text("embedding-field: vec\nk: 3\ntopk: 5\n")
     before = files_in(work)
     result = select(data, "--config", config, "-o", work / "out.jsonl")
-    assert_fails(result, 2, f"{config}: unknown key 'top-k'", "known keys:", "embedding-field", work=work, before=before)
+    assert_fails(result, 2, f"{config}: unknown key 'topk'", "known keys:", "embedding-field", work=work, before=before)
 
 
 def test_config_with_a_bad_value(work):

@@ -23,6 +23,7 @@ from dyn.cli.select import EXAMPLES as SELECT_EXAMPLES  # noqa: E402
 from dyn.cli.select import select_command  # noqa: E402
 from dyn.cli.score import EXAMPLES as SCORE_EXAMPLES  # noqa: E402
 from dyn.cli.score import score_command  # noqa: E402
+from dyn.cli.distill import distill_app  # noqa: E402
 from dyn.cli.teachers import teachers_app  # noqa: E402
 from dyn.cli.train import EXAMPLES as TRAIN_EXAMPLES, train_command  # noqa: E402
 
@@ -40,6 +41,7 @@ app.command("select", epilog=SELECT_EXAMPLES, no_args_is_help=True)(select_comma
 app.command("score", epilog=SCORE_EXAMPLES, no_args_is_help=True)(score_command)
 app.command("inspect", epilog=INSPECT_EXAMPLES, no_args_is_help=True)(inspect_command)
 app.command("train", epilog=TRAIN_EXAMPLES, no_args_is_help=True)(train_command)
+app.add_typer(distill_app, name="distill")
 app.add_typer(teachers_app, name="teachers")
 
 

@@ -155,6 +155,20 @@ def resolve_example_format(
     )
 
 
+def check_format_columns(loaded, fmt: ExampleFormat) -> None:
+    """The rows (`core.io.LoadedRows`) have the columns `fmt` reads; a DataError naming the file
+    otherwise."""
+    from dyn.core.text import template_fields
+
+    needed = [fmt.messages_field] if fmt.messages_field else ([*template_fields(fmt.template)] if fmt.template else []) + [fmt.response_field]
+    missing = [c for c in needed if c and c not in loaded.dataset.column_names]
+    if missing:
+        raise DataError(
+            f"{loaded.source}: no column(s) {', '.join(missing)} ({fmt.describe()}); columns are: "
+            f"{', '.join(loaded.dataset.column_names)}"
+        )
+
+
 def split_messages(messages, tokenizer=None) -> tuple[str, str]:
     """A chat row as (prompt, response): the response is the last assistant message.
 

@@ -289,6 +289,29 @@ def write_trainer_state(folder: str | Path, trainer_state: dict) -> None:
     (Path(folder) / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
 
 
+def trained_example_format(checkpoint: str | Path, loaded, template: str | None, response_field: str | None):
+    """(ExampleFormat, saved max_length or None) for reading `loaded` rows as a checkpoint saw
+    them: the user's --template/--response-field, else the format the `dyn train` run trained with
+    (trainer_state.json `dyn.example_format`) when the rows have its columns, else the default
+    columns (`core.lm.resolve_example_format`)."""
+    from dyn.core.errors import DataError
+    from dyn.core.lm import ExampleFormat, check_format_columns, resolve_example_format
+
+    saved_format, saved_length = None, None
+    if (Path(checkpoint) / TRAINER_STATE_FILE).is_file():
+        saved = read_trainer_state(checkpoint).get("dyn", {})
+        if saved.get("example_format"):
+            saved_format = ExampleFormat.from_dict(saved["example_format"])
+        saved_length = saved.get("max_length")
+    if template is None and response_field is None and saved_format is not None:
+        try:
+            check_format_columns(loaded, saved_format)
+            return saved_format, saved_length
+        except DataError:
+            pass
+    return resolve_example_format(loaded.dataset.column_names, template, response_field, loaded.source), saved_length
+
+
 def is_dyn_run(folder: str | Path) -> bool:
     """True when `folder` holds a `dyn train` run: a run record, or checkpoints with trainer state."""
     root = Path(folder)

@@ -649,7 +649,7 @@ def _prepare_folder(folder: Path, spec: CacheSpec, checkpoints, hashes: dict, in
 
 
 def _is_cache_entry(name: str) -> bool:
-    return name in (META_FILE, INDEX_FILE) or bool(_STEP_NAME.match(name)) or ".dyn-tmp-" in name
+    return name in (META_FILE, INDEX_FILE, "run.json") or bool(_STEP_NAME.match(name)) or ".dyn-tmp-" in name
 
 
 def _plan_batches(examples, tokenizer, where, starts: np.ndarray, batch_tokens: int | None, device: str):

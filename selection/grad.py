@@ -189,7 +189,8 @@ class _ScoringState:
     # ---- rows
 
     def prepare_rows(self, loaded, anchor_loaded):
-        from dyn.core.lm import build_lm_examples, pad_token_id
+        from dyn.core.lm import build_lm_examples, check_format_columns, pad_token_id
+        from dyn.distill.checkpoints import trained_example_format
         from dyn.core.models import context_length
         from dyn.core.lm_batches import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, plan_row_batches
         from dyn.influence.checkpoints import load_scoring_model
@@ -199,12 +200,12 @@ class _ScoringState:
             model, tokenizer = load_scoring_model(first)
         self._first = (model, tokenizer)
         self.tokenizer_vocab = tokenizer.get_vocab()
-        fmt, saved_length = self._example_format(loaded, first)
+        fmt, saved_length = trained_example_format(first.path, loaded, self.req.template, self.req.response_field)
         max_length = self.req.max_length or saved_length or context_length(model.config)
         if max_length > context_length(model.config):
             raise UsageError(f"--max-length {max_length}: the model attends over at most {context_length(model.config)} positions")
         examples, loaded = build_lm_examples(loaded, fmt, tokenizer, max_length, skip_bad_rows=self.req.skip_bad_rows)
-        _check_columns(anchor_loaded, fmt)
+        check_format_columns(anchor_loaded, fmt)
         anchor_examples, anchor_loaded = build_lm_examples(anchor_loaded, fmt, tokenizer, max_length, skip_bad_rows=self.req.skip_bad_rows)
         groups, names = _anchor_groups(anchor_loaded, self.req.anchor_group_field)
         budget = self.req.batch_tokens or (CUDA_BATCH_TOKENS if self.device.startswith("cuda") else CPU_BATCH_TOKENS)
@@ -217,27 +218,6 @@ class _ScoringState:
         self.rows_hash, self.anchors_hash = examples_hash(examples), examples_hash(anchor_examples)
         self.record.data["figures_tokens"] = {"rows": examples.figures(), "anchors": anchor_examples.figures(), "example_format": fmt.describe()}
         return loaded, anchor_loaded
-
-    def _example_format(self, loaded, checkpoint):
-        """The user's --template/--response-field, else the one the warm-up run trained with
-        (trainer_state.json), else the default columns."""
-        from dyn.core.lm import ExampleFormat, resolve_example_format
-        from dyn.distill.checkpoints import TRAINER_STATE_FILE, read_trainer_state
-
-        saved_format, saved_length = None, None
-        if (checkpoint.path / TRAINER_STATE_FILE).is_file():
-            saved = read_trainer_state(checkpoint.path).get("dyn", {})
-            if saved.get("example_format"):
-                saved_format = ExampleFormat.from_dict(saved["example_format"])
-            saved_length = saved.get("max_length")
-        columns = loaded.dataset.column_names
-        if self.req.template is None and self.req.response_field is None and saved_format is not None:
-            try:
-                _check_columns(loaded, saved_format)
-                return saved_format, saved_length
-            except DataError:
-                pass
-        return resolve_example_format(columns, self.req.template, self.req.response_field, loaded.source), saved_length
 
     # ---- checkpoints
 
@@ -358,19 +338,6 @@ def examples_hash(examples) -> str:
         digest.update(np.int64(len(ids)).tobytes())
         digest.update(np.asarray(ids, dtype=np.int64).tobytes())
     return digest.hexdigest()
-
-
-def _check_columns(loaded, fmt) -> None:
-    """The anchor file (or the data) has the columns the example format reads."""
-    from dyn.core.text import template_fields
-
-    needed = [fmt.messages_field] if fmt.messages_field else ([*template_fields(fmt.template)] if fmt.template else []) + [fmt.response_field]
-    missing = [c for c in needed if c and c not in loaded.dataset.column_names]
-    if missing:
-        raise DataError(
-            f"{loaded.source}: no column(s) {', '.join(missing)} ({fmt.describe()}); columns are: "
-            f"{', '.join(loaded.dataset.column_names)}"
-        )
 
 
 def _anchor_groups(anchor_loaded, field_name: str | None):

@@ -53,21 +53,11 @@ def cache_command(
     and the exact float32 mass outside them) for every response token of every row, in shards
     keyed by dyn_index. A rerun computes only missing shards; a cache built for other data, another
     tokenizer, another k or other teacher weights is refused, never silently reused."""
-    from dyn.cli.config import merge_config
-    from dyn.cli.launch import relaunch, world_size_from_env
+    from dyn.cli.launch import command_arguments
     from dyn.cli.summary import report_table
-    from dyn.core import progress
-    from dyn.core.distributed import world
     from dyn.distill.cache_recipe import CacheRequest, run_teacher_cache
 
-    args = merge_config(ctx, dict(ctx.params), config)
-    processes = args.pop("num_processes")
-    if processes > 1 and world_size_from_env() == 1:
-        raise typer.Exit(relaunch(processes))
-    json_output, quiet = args.pop("json_output"), args.pop("quiet")
-    args.pop("config", None)
-    progress.configure(quiet=quiet, rank=world().rank)
-    args["precision"] = getattr(args["precision"], "value", args["precision"])
+    args, json_output, quiet = command_arguments(ctx)
     summary = run_teacher_cache(CacheRequest(**args, extra={"command": "distill cache"}))
     if summary is None:
         return

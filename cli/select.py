@@ -141,23 +141,13 @@ def select_command(
 
 def run_method_command(ctx, *, score_only: bool) -> None:
     """`dyn select` and `dyn score`: the same flags and recipes; score keeps every row."""
-    from dyn.cli.config import merge_config
-    from dyn.cli.launch import relaunch, world_size_from_env
-    from dyn.core import progress
-    from dyn.core.distributed import world
+    from dyn.cli.launch import command_arguments
 
-    args = merge_config(ctx, dict(ctx.params), ctx.params.get("config"))
-    num_processes = args.pop("num_processes")
-    if num_processes > 1 and world_size_from_env() == 1:
-        raise typer.Exit(relaunch(num_processes))
-    method = _value(args.pop("method"))
-    json_output, quiet = args.pop("json_output"), args.pop("quiet")
-    args.pop("config", None)
-    progress.configure(quiet=quiet, rank=world().rank)
+    args, json_output, quiet = command_arguments(ctx)
+    method = args.pop("method")
     _refuse_other_method_flags(ctx, args, method)
-    values = {name: _value(value) for name, value in args.items()}
     runner = {"hmin": _run_hmin, "grad": _run_grad, "slm-hard": _run_slm_hard}[method]
-    summary = runner(values, score_only)
+    summary = runner(args, score_only)
     if summary is not None:
         _report(method, summary, json_output=json_output, quiet=quiet, score_only=score_only)
 

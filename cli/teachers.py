@@ -79,24 +79,14 @@ def rank_command(
     LOWER IS BETTER. Writes ranking.json (best first, with the spread over splits, the held-out
     gradient norm, the spectrum entropy of S_tr, counts and warnings), the run record beside it,
     and the generations in <output>.generations/ (reused on reruns)."""
-    from dyn.cli.config import merge_config
-    from dyn.cli.launch import relaunch, world_size_from_env
-    from dyn.core import progress
-    from dyn.core.distributed import world
+    from dyn.cli.launch import command_arguments
     from dyn.core.errors import UsageError
 
-    args = merge_config(ctx, dict(ctx.params), ctx.params.get("config"))
-    n_proc = args.pop("num_processes")
-    if n_proc > 1 and world_size_from_env() == 1:
-        raise typer.Exit(relaunch(n_proc))
-    json_out, silent = args.pop("json_output"), args.pop("quiet")
-    args.pop("config", None)
-    progress.configure(quiet=silent, rank=world().rank)
-    if not args.get("student"):
+    values, json_out, silent = command_arguments(ctx)
+    if not values.get("student"):
         raise UsageError("--student DIR is required (here or in --config)")
-    if not args.get("output"):
+    if not values.get("output"):
         raise UsageError("-o/--output FILE.json is required (here or in --config)")
-    values = {name: (value.value if isinstance(value, Enum) else value) for name, value in args.items()}
     for name in ("teacher", "responses", "temperature"):
         values[name] = list(values[name] or [])
 

@@ -79,20 +79,11 @@ def train_command(
     checkpoint-<step>/ folders in the Hugging Face Trainer layout (model, tokenizer, optimizer.pt,
     scheduler.pt, trainer_state.json with the loss and learning-rate log), the final model at the
     folder's root and run.json; `dyn select --method grad` reads them."""
-    from dyn.cli.config import merge_config
-    from dyn.cli.launch import relaunch, world_size_from_env
-    from dyn.core import progress
-    from dyn.core.distributed import world
+    from dyn.cli.launch import command_arguments
     from dyn.distill.trainer import TrainRequest, run_training
 
-    args = merge_config(ctx, dict(ctx.params), config)
-    num_processes = args.pop("num_processes")
-    if num_processes > 1 and world_size_from_env() == 1:
-        raise typer.Exit(relaunch(num_processes))
-    json_output, quiet = args.pop("json_output"), args.pop("quiet")
-    args.pop("config", None)
-    progress.configure(quiet=quiet, rank=world().rank)
-    request = TrainRequest(**{name: _value(value) for name, value in args.items()})
+    args, json_output, quiet = command_arguments(ctx)
+    request = TrainRequest(**args)
     summary = run_training(request)
     if summary is not None:
         _report(summary, json_output=json_output, quiet=quiet)
@@ -123,6 +114,3 @@ def _report(summary: dict, *, json_output: bool, quiet: bool) -> None:
 def _loss(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
-
-def _value(value):
-    return value.value if isinstance(value, Enum) else value

@@ -26,10 +26,26 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def t0_rows():
-    """`t0_rows(n)`: the first n rows of the real instruction mix (prompt, completion, task)."""
+    """`t0_rows(n)`: the first n rows of the real instruction mix (prompt, completion, task).
+    Session-scoped, so module fixtures that train a model on real rows can use it too."""
     return _t0_rows
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """One intra-op thread for a test module (`pytestmark = pytest.mark.usefixtures(...)`), restored
+    afterwards. Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two
+    OpenMP threads wait on each other (measured: a forward pass 18x slower). It also matches the
+    workers of a multi-process run (torch.distributed.run gives each one thread), so their bits can
+    be compared with a one-process run's."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -20,14 +20,8 @@ def cli(*args):
     return result
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread for the whole module: see the fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def test_cache_command_builds_reuses_and_refuses(tmp_path, t0_rows, write_jsonl):

@@ -27,18 +27,8 @@ from dyn.influence.store import GradientStore
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP
-    threads wait on each other (measured: a forward pass 18x slower). Restored afterwards. It also
-    matches the workers of a multi-process run (torch.distributed.run gives each one thread), so
-    their bits can be compared with a one-process run's."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread for the whole module: see the fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def tiny_gpt2(seed: int = 0, dtype=torch.float32, attn: str = "eager"):

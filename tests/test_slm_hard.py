@@ -28,24 +28,16 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine (see
-    test_grad_select), and one thread matches the workers of a multi-process run."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread for the whole module: see the fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")
-def slm(tmp_path_factory, t0_rows_module):
+def slm(tmp_path_factory, t0_rows):
     """A tiny GPT-2 trained by `dyn train` for 20 steps on 64 short real instruction-mix rows, and a
     pool of 60 other short rows (one with an empty completion) to score."""
     root = tmp_path_factory.mktemp("slm")
-    rows = [r for r in t0_rows_module(400) if len(r["prompt"]) + len(r["completion"]) < 500][:130]
+    rows = [r for r in t0_rows(400) if len(r["prompt"]) + len(r["completion"]) < 500][:130]
     train, pool = root / "train.jsonl", root / "pool.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows[:64]))
     pool_rows = rows[70:130]
@@ -56,13 +48,6 @@ def slm(tmp_path_factory, t0_rows_module):
                  "--max-steps", 20, "--batch-size", 16, "--lr", 3e-3, "-o", run, "-q")
     assert result.exit_code == 0, result.output
     return {"root": root, "pool": pool, "run": run, "rows": pool_rows}
-
-
-@pytest.fixture(scope="module")
-def t0_rows_module():
-    from tests.conftest import _t0_rows
-
-    return _t0_rows
 
 
 def brute_force_scores(model, examples, top_k: int) -> np.ndarray:

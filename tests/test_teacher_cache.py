@@ -25,26 +25,16 @@ BATCH_TOKENS = 1024
 MAX_LENGTH = 160
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """One intra-op thread, as the workers of the two-process build use: the same kernels give the
-    same bits (and tiny models gain nothing from threads on a shared 2-core machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread for the whole module: see the fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
+def teacher(tmp_path_factory, t0_rows):
     """A tiny GPT-2 trained 4 steps by `dyn train` (checkpoints at steps 2 and 4) on 48 short real
     rows; the data to cache is those rows, one with an empty completion."""
-    from tests.conftest import _t0_rows
-
     root = tmp_path_factory.mktemp("teacher")
-    rows = [r for r in _t0_rows(600) if len(r["prompt"]) + len(r["completion"]) < 220][:48]
+    rows = [r for r in t0_rows(600) if len(r["prompt"]) + len(r["completion"]) < 220][:48]
     assert len(rows) == 48
     rows[5] = {**rows[5], "completion": ""}
     data = root / "data.jsonl"

@@ -48,16 +48,8 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine, and one thread
-    matches the workers of a multi-process run (see test_grad_select)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread for the whole module: see the fixture in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")

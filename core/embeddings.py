@@ -60,11 +60,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_precision(precision: str, device: str) -> str:
+def resolve_precision(precision: str, device: str, flag: str = "--embed-precision") -> str:
+    """auto: bfloat16 autocast on CUDA and on CPUs with native bf16 (about 2x float32 there for
+    MiniLM and for slm-hard scoring: docs/benchmarks.md), else float32; `flag` names the option
+    in the error for any other value."""
     if precision == "auto":
         return "bfloat16" if device.startswith("cuda") or cpu_has_native_bf16() else "float32"
     if precision not in ("float32", "bfloat16"):
-        raise UsageError(f"--embed-precision {precision}: choose auto, float32 or bfloat16")
+        raise UsageError(f"{flag} {precision}: choose auto, float32 or bfloat16")
     return precision
 
 

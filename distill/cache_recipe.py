@@ -41,7 +41,7 @@ def run_teacher_cache(req: CacheRequest) -> dict | None:
     from dyn.core.io import read_rows
     from dyn.core.lm import build_lm_examples
     from dyn.core.models import context_length, load_model_and_tokenizer
-    from dyn.core.runrecord import RunRecord
+    from dyn.core.runrecord import RunRecord, record_path
     from dyn.distill.checkpoints import trained_example_format
     from dyn.distill.teacher_cache import DEFAULT_SHARD_TOKENS, build_teacher_cache, teacher_checkpoints
 
@@ -53,7 +53,7 @@ def run_teacher_cache(req: CacheRequest) -> dict | None:
     record = RunRecord("distill cache", {k: v for k, v in asdict(req).items() if k != "extra"} | req.extra)
     record.data["world_size"] = w.size
     device = resolve_device(req.device)
-    precision = resolve_precision(req.precision, device)
+    precision = resolve_precision(req.precision, device, flag="--precision")
     record.data["device"] = device
     checkpoints = teacher_checkpoints(req.teacher)
     with record.phase("read"):
@@ -89,7 +89,7 @@ def run_teacher_cache(req: CacheRequest) -> dict | None:
         record.add_model(f"teacher checkpoint-{checkpoint.step}", str(checkpoint.path), cache.teacher_sha256(checkpoint.step))
     record.add_skipped(loaded.skipped)
     record.data["figures"] = figures
-    run_record = str(Path(req.output) / "run.json")
+    run_record = record_path(req.output)
     record.write(run_record)
     return {
         "output": req.output,

@@ -118,9 +118,9 @@ def score_rows(model, rows, top_k: int, precision: str = "float32") -> SlmScores
 
     from dyn.core.lm_batches import map_batches
 
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
-    if vocab is not None and top_k > vocab:
-        raise UsageError(f"--top-k {top_k}: larger than the small LM's vocabulary ({vocab} ids)")
+    output_layer = model.get_output_embeddings()
+    if output_layer is not None and top_k > output_layer.weight.shape[0]:
+        raise UsageError(f"--top-k {top_k}: larger than the small LM's vocabulary ({output_layer.weight.shape[0]} ids)")
     autocast_dtype = torch.bfloat16 if precision == "bfloat16" else None
     model.eval()
 

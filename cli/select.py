@@ -114,7 +114,7 @@ def select_command(
     modules: Optional[str] = typer.Option(None, "--modules", help="grad: score only parameters whose name matches this regex (default: all, or a PEFT checkpoint's LoRA adapters)."),
     store: Optional[str] = typer.Option(None, "--store", help="grad, store engine: keep the projected gradients in this folder and reuse them on reruns."),
     proj_dim: int = typer.Option(1024, "--proj-dim", help="grad, store engine: projected size of each parameter's gradient (about sqrt a side for matrices)."),
-    response_field: Optional[str] = typer.Option(None, "--response-field", help="grad, slm-hard: column holding the response (the loss is on its tokens); --template gives the prompt. Default: prompt + completion or messages columns (grad: what the checkpoints were trained with)."),
+    response_field: Optional[str] = typer.Option(None, "--response-field", help="grad, slm-hard: column holding the response (the loss is on its tokens); --template gives the prompt. Default: what the model was trained with (a `dyn train` run), else prompt + completion or messages columns."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="grad, slm-hard: truncate examples to this many tokens (default: the warm-up run's, else the model's context)."),
     slm: Optional[str] = typer.Option(None, "--slm", help="slm-hard: the small causal LM folder, with its tokenizer (e.g. a `dyn train` run folder)."),
     band: Optional[str] = typer.Option(None, "--band", help="slm-hard: keep rows whose score lies between these quantiles of the scores, LO:HI, e.g. 0.5:0.9."),

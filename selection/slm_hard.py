@@ -210,9 +210,10 @@ def _load_slm(folder: str):
 
 def _tokenised_rows(req: SlmHardRequest, loaded, model, tokenizer, device: str):
     """Prompt/response token ids of every row, planned into token-budget batches."""
-    from dyn.core.lm import ExampleFormat, build_lm_examples, pad_token_id, resolve_example_format
+    from dyn.core.lm import ExampleFormat, build_lm_examples, pad_token_id
     from dyn.core.lm_batches import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, plan_row_batches
     from dyn.core.models import context_length
+    from dyn.distill.checkpoints import trained_example_format
 
     columns = loaded.dataset.column_names
     if req.text_field is not None:
@@ -220,7 +221,7 @@ def _tokenised_rows(req: SlmHardRequest, loaded, model, tokenizer, device: str):
             raise DataError(f"{loaded.source}: no column '{req.text_field}' (--text-field); columns are: {', '.join(columns)}")
         fmt = ExampleFormat(response_field=req.text_field)
     else:
-        fmt = resolve_example_format(columns, req.template, req.response_field, loaded.source)
+        fmt, _ = trained_example_format(req.slm, loaded, req.template, req.response_field)
     context = context_length(model.config)
     max_length = req.max_length or context
     if max_length > context:

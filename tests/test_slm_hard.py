@@ -281,3 +281,20 @@ def test_unknown_token_rate_is_reported_when_the_vocabulary_does_not_cover_the_t
     figures = json.loads(result.stdout)["figures"]["tokens"]
     assert figures["unknown_tokens"] == 4 and figures["unknown_token_rate"] == pytest.approx(4 / 13)
     assert "unknown token" in result.stderr
+
+
+
+def test_the_format_a_dyn_train_run_trained_with_is_the_default(tmp_path):
+    gsm8k = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k-train.jsonl"
+    if not gsm8k.exists():
+        pytest.skip(f"real data not found at {gsm8k}")
+    rows = [json.loads(line) for line in open(gsm8k, encoding="utf-8")][:16]
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    trained = cli("train", data, "--model", "tiny", "--train-tokenizer", "--vocab-size", 300, "--template", "{question}",
+                  "--response-field", "answer", "--max-length", 256, "--max-steps", 2, "-o", run, "-q")
+    assert trained.exit_code == 0, trained.output
+    result = cli("score", "--method", "slm-hard", data, "--slm", run, "--top-k", 50, "-o", tmp_path / "out.jsonl", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["figures"]["tokens"]["example_format"] == "prompt '{question}', response column 'answer'"

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # SALT-style selection on the real instruction mix in ../shared/data: train a small LM with
 # `dyn train` on one slice, then let it score another slice and keep the hard-but-learnable rows.
-# About 5 minutes on 2 CPU cores. The task report lands in the run record (figures.groups).
+# Measured: 14 minutes on this project's 2-core machine while three other jobs ran (10 of them
+# training). The task report lands in the run record (figures.groups).
 set -euo pipefail
+# Tiny models gain nothing from intra-op threads; on a busy machine two of them wait on each other.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 here="$(cd "$(dirname "$0")" && pwd)"
 data="$here/../../shared/data/t0-mix.jsonl.gz"
 out="${OUT:-$here/out}"

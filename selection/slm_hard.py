@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -123,6 +124,8 @@ def check_request(req: SlmHardRequest) -> SlmKeepRule | None:
 
     if not req.slm:
         raise UsageError("--method slm-hard needs --slm DIR: a small causal LM folder with its tokenizer (e.g. a `dyn train` run)")
+    if not Path(req.slm).is_dir():
+        raise UsageError(f"--slm {req.slm}: not a folder (a small causal LM saved with save_pretrained, with its tokenizer)")
     rule = keep_rule(req)
     if req.top_k < 1:
         raise UsageError(f"--top-k {req.top_k}: must be at least 1")
@@ -198,12 +201,8 @@ def run_slm_hard(req: SlmHardRequest) -> dict | None:
 
 def _load_slm(folder: str):
     """The small LM, its tokenizer and a content hash of the folder's files."""
-    from pathlib import Path
-
     from dyn.core.models import ModelSource, load_model_and_tokenizer, model_content_hash
 
-    if not Path(folder).is_dir():
-        raise UsageError(f"--slm {folder}: not a folder (a small causal LM saved with save_pretrained, with its tokenizer)")
     model, tokenizer = load_model_and_tokenizer(folder, flag="--slm")
     return model, tokenizer, model_content_hash(ModelSource("folder", folder))
 

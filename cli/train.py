@@ -27,6 +27,12 @@ Examples:
 """
 
 
+class EvalMetric(str, Enum):
+    loss = "loss"
+    exact_match = "exact-match"
+    final_answer = "final-answer"
+
+
 class Schedule(str, Enum):
     linear = "linear"
     cosine = "cosine"
@@ -69,6 +75,10 @@ def train_command(
     precision: Precision = typer.Option(Precision.auto, "--precision", help="auto: bfloat16 autocast on CUDA, float32 on CPU."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip malformed rows, counting them in the run record, instead of stopping."),
     split: Optional[str] = typer.Option(None, "--split", help="Split of a save_to_disk folder or hub dataset."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out rows (same format as the training rows): loss, and --eval-metric, logged as eval_* entries in trainer_state.json and run.json."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate on --eval-data every N steps (always at the last step)."),
+    eval_metric: EvalMetric = typer.Option(EvalMetric.loss, "--eval-metric", help="loss only; exact-match (greedy generation equals the response, whitespace-normalised); final-answer (GSM8K: the text after the last '####', numbers compared as numbers)."),
+    eval_max_new_tokens: int = typer.Option(256, "--eval-max-new-tokens", help="Generation length limit for --eval-metric exact-match / final-answer."),
     num_processes: int = typer.Option(1, "--num-processes", help="Run as N worker processes (DDP; gloo on CPU): each step's rows are shared out, the result is that of one process."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file whose keys are these flag names; flags given here win."),
     json_output: bool = typer.Option(False, "--json", help="Print the run summary as one JSON object on stdout."),

@@ -313,12 +313,13 @@ def trained_example_format(checkpoint: str | Path, loaded, template: str | None,
 
 
 def is_dyn_run(folder: str | Path) -> bool:
-    """True when `folder` holds a `dyn train` run: a run record, or checkpoints with trainer state."""
+    """True when `folder` holds a `dyn train` or `dyn distill` run: a run record, or checkpoints with
+    trainer state."""
     root = Path(folder)
     record = root / RUN_RECORD_FILE
     if record.is_file():
         try:
-            return str(json.loads(record.read_text(encoding="utf-8")).get("command", "")).startswith("train")
+            return json.loads(record.read_text(encoding="utf-8")).get("command") in ("train", "distill")
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             return False
     return any((c.path / TRAINER_STATE_FILE).is_file() for c in list_checkpoints(root))

@@ -82,6 +82,10 @@ class TrainRequest:
     precision: str = "auto"
     skip_bad_rows: bool = False
     split: str | None = None
+    eval_data: str | None = None
+    eval_every: int | None = None
+    eval_metric: str = "loss"
+    eval_max_new_tokens: int = 256
     extra: dict = field(default_factory=dict)
 
 
@@ -114,6 +118,20 @@ def check_request(req: TrainRequest) -> None:
         raise UsageError("--resume and --overwrite are alternatives; give one")
     if req.lora_r is not None and req.lora_r < 1:
         raise UsageError(f"--lora-r {req.lora_r}: must be at least 1")
+    check_eval_flags(req)
+
+
+def check_eval_flags(req) -> None:
+    """--eval-every and --eval-metric need --eval-data; the metric must be known."""
+    from dyn.distill.evaluation import check_metric
+
+    check_metric(req.eval_metric)
+    if req.eval_every is not None and req.eval_every < 1:
+        raise UsageError(f"--eval-every {req.eval_every}: must be at least 1")
+    if req.eval_data is None and (req.eval_every is not None or req.eval_metric != "loss"):
+        raise UsageError("--eval-every and --eval-metric evaluate on a held-out file: give it with --eval-data")
+    if req.eval_max_new_tokens < 1:
+        raise UsageError(f"--eval-max-new-tokens {req.eval_max_new_tokens}: must be at least 1")
 
 
 # --------------------------------------------------------------------------- the run folder
@@ -315,18 +333,59 @@ def run_training(req: TrainRequest) -> dict | None:
             tokenizer.save_pretrained(base_path)
     barrier()
 
-    loop = TrainingLoop(req, model, tokenizer, examples, train_rows, plan, lr, settings, fmt, base_path, record)
+    evaluator = held_out_evaluator(req, fmt, tokenizer, max_length, record)
+    loop = TrainingLoop(req, model, tokenizer, examples, train_rows, plan, lr, settings, fmt, base_path, record,
+                        evaluator=evaluator, row_names=row_namer(loaded))
+    return run_loop(loop, resume_from, record, lambda: _finish_record(
+        record, req, loop, loaded, examples, train_rows, source, config, base_path, fmt, lr))
+
+
+def run_loop(loop, resume_from, record, finish) -> dict | None:
+    """Restore, train, save the final model; on rank 0 `finish()` writes the run record and
+    returns the summary (None on other ranks)."""
+    from dyn.core.distributed import barrier, world
+
     loop.restore(resume_from)
     with record.phase("train"):
         loop.run()
-    if not w.is_main:
+    if not world().is_main:
         barrier()
         return None
     with record.phase("save"):
         loop.save_final()
-    summary = _finish_record(record, req, loop, loaded, examples, train_rows, source, config, base_path, fmt, lr)
+    summary = finish()
     barrier()
     return summary
+
+
+def row_namer(loaded):
+    """Names rows (positions into the tokenised examples) in an error: their file rows."""
+    def name(positions) -> str:
+        return "; ".join(loaded.where(int(p)) for p in positions) or "no single row's loss was non-finite"
+    return name
+
+
+def held_out_evaluator(req, fmt, tokenizer, max_length: int, record):
+    """With --eval-data: the held-out rows read in the training rows' format, and a function
+    (model, step) -> metrics that every rank calls; None without it."""
+    if not req.eval_data:
+        return None
+    from dyn.core.embeddings import resolve_device
+    from dyn.core.lm import pad_token_id
+    from dyn.distill.evaluation import evaluate, load_held_out
+
+    with record.phase("read held-out"):
+        held_out = load_held_out(req.eval_data, fmt, tokenizer, max_length, skip_bad_rows=req.skip_bad_rows)
+    record.add_input(req.eval_data, held_out.rows_in)
+    pad_id = pad_token_id(tokenizer)
+
+    def evaluator(model, step: int) -> dict:
+        device = next(model.parameters()).device
+        return evaluate(model, held_out, metric=req.eval_metric, pad_token_id=pad_id, device=device,
+                        max_new_tokens=req.eval_max_new_tokens)
+
+    resolve_device(req.device)
+    return evaluator
 
 
 def _trajectory_settings(req: TrainRequest) -> dict:
@@ -441,10 +500,30 @@ def _base_config(model):
 
 # --------------------------------------------------------------------------- the loop
 
-class TrainingLoop:
-    """The optimisation loop over a `StepPlan`, with logging and checkpoints (see the module doc)."""
+class LabelObjective:
+    """`dyn train`'s objective: each row's mean next-token cross-entropy over its response tokens.
 
-    def __init__(self, req, model, tokenizer, examples, train_rows, plan, lr, settings, fmt, base_path, record):
+    The loop asks an objective for `row_losses(model, batch, positions, step)` (positions: the
+    rows' places in the examples; step: 0-based optimizer step) and logs `log_entry(step)` with
+    the step's loss; `dyn distill` injects its own (`distill.teaching.DistillObjective`)."""
+
+    def row_losses(self, model, batch, positions, step: int):
+        from dyn.core.lm import model_row_losses
+
+        return model_row_losses(model, batch)
+
+    def log_entry(self, step: int) -> dict:
+        return {}
+
+
+class TrainingLoop:
+    """The optimisation loop over a `StepPlan`, with logging, evaluation and checkpoints (see the
+    module doc). `objective` gives each row's loss (default `LabelObjective`); `evaluator(model,
+    step)` -> {metric: value} runs on every rank every --eval-every steps and at the last step;
+    `row_names(positions)` names rows in errors."""
+
+    def __init__(self, req, model, tokenizer, examples, train_rows, plan, lr, settings, fmt, base_path, record,
+                 *, objective=None, evaluator=None, row_names=None, state_format: str = STATE_FORMAT):
         import torch
         from accelerate import Accelerator
 
@@ -473,6 +552,11 @@ class TrainingLoop:
         self.train_seconds = 0.0
         self.saved: list[str] = []
         self.resumed_from: str | None = None
+        self.objective = objective or LabelObjective()
+        self.evaluator = evaluator
+        self.row_names = row_names or (lambda positions: "rows at positions " + ", ".join(str(int(p)) for p in positions))
+        self.state_format = state_format
+        self.evaluations: list[dict] = []
         self._torch = torch
 
     @property
@@ -526,8 +610,11 @@ class TrainingLoop:
                         "learning_rate": lr,
                         "grad_norm": grad_norm,
                         "num_tokens": self.tokens_seen,
+                        **self.objective.log_entry(self.global_step - 1),
                     })
                     interval_losses = []
+                if self._evaluation_due(last):
+                    self.evaluate()
                 now = time.monotonic()
                 if now - last_print >= progress.PLAIN_INTERVAL_S or last:
                     last_print = now
@@ -543,46 +630,79 @@ class TrainingLoop:
         from where it resumed), over all processes."""
         return (self.tokens_seen - self.tokens_at_start) / max(self.train_seconds, 1e-9)
 
+    def _evaluation_due(self, last: bool) -> bool:
+        every = self.req.eval_every
+        return self.evaluator is not None and (last or bool(every and self.global_step % every == 0))
+
+    def evaluate(self) -> None:
+        """Run the evaluator on the unwrapped model (every rank) and log its metrics as their own
+        log_history entry, the Hugging Face Trainer's way."""
+        from dyn.core import progress
+
+        started = time.perf_counter()
+        metrics = self.evaluator(self.unwrapped, self.global_step)
+        entry = {"step": self.global_step, "epoch": round(self.global_step / self.plan.steps_per_epoch, 6), **metrics,
+                 "eval_seconds": round(time.perf_counter() - started, 3)}
+        self.log_history.append(entry)
+        self.evaluations.append(entry)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        progress.info(f"step {self.global_step}: {shown}")
+
     def _save_due(self, last: bool) -> bool:
         step, req = self.global_step, self.req
         return (last or bool(req.save_every and step % req.save_every == 0)
                 or bool(req.save_every_epoch and step % self.plan.steps_per_epoch == 0))
 
     def _one_step(self, step: int):
-        """One optimizer step; returns (step loss, rows, tokens, grad norm, lr used), all global."""
-        from dyn.core.lm import model_row_losses
-
+        """One optimizer step; returns (step loss, rows, tokens, grad norm, lr used), all global.
+        A non-finite loss stops the run before the optimizer step (the weights stay finite), naming
+        the step and the rows whose loss was not finite."""
         torch = self._torch
         rows = self.train_rows[self.plan.steps[step]]
         mine = rows[self.rank::self.world_size]
         micro_batches = np.array_split(mine, self.req.grad_accum)
         torch.manual_seed(step_seed(self.req.seed, step, self.rank))
         scale = self.world_size / len(rows)
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, bad_rows = 0.0, 0, []
         for i, micro in enumerate(micro_batches):
             dummy = len(micro) == 0  # every rank runs the same number of backward passes
-            batch = self.examples.batch(rows[:1] if dummy else micro, self.pad_id, device=self.device)
+            positions = rows[:1] if dummy else micro
+            batch = self.examples.batch(positions, self.pad_id, device=self.device)
             syncing = i == len(micro_batches) - 1
             with self.accelerator.no_sync(self.model) if not syncing else contextlib.nullcontext():
-                row_losses = model_row_losses(self.model, batch)
+                row_losses = self.objective.row_losses(self.model, batch, positions, step)
                 loss = row_losses.sum() * (0.0 if dummy else scale)
                 self.accelerator.backward(loss)
             if not dummy:
-                loss_sum += float(row_losses.detach().sum())
+                values = row_losses.detach().float().cpu().numpy()
+                bad_rows.extend(int(p) for p in np.asarray(positions)[~np.isfinite(values)])
+                loss_sum += float(values.sum())
                 tokens += int(batch["attention_mask"].sum())
         totals = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
+        step_loss = float(totals[0]) / len(rows)
+        if not math.isfinite(step_loss):
+            self._stop_on_bad_loss(step, step_loss, bad_rows)
         max_norm = self.req.max_grad_norm if self.req.max_grad_norm > 0 else float("inf")
         grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        step_loss = float(totals[0]) / len(rows)
-        if not math.isfinite(step_loss):
-            raise DataError(f"training loss became {step_loss} at step {step + 1}; lower --lr or check the data")
         return step_loss, len(rows), int(totals[1]), grad_norm, lr
+
+    def _stop_on_bad_loss(self, step: int, step_loss: float, bad_rows: list[int]) -> None:
+        """Every rank gets here together (the loss is summed over ranks): gather the rows whose loss
+        was not finite and stop with one line naming the step and those rows."""
+        from dyn.core.distributed import all_gather_objects
+
+        everywhere = sorted({p for part in all_gather_objects(bad_rows) for p in part}) if self.world_size > 1 else sorted(set(bad_rows))
+        named = self.row_names(everywhere[:5]) + (f" and {len(everywhere) - 5} more" if len(everywhere) > 5 else "")
+        raise DataError(
+            f"training loss became {step_loss} at step {step + 1} ({named}); "
+            "lower --lr, check those rows, or check the teacher"
+        )
 
     # ----------------------------------------------------------------- saving
 
@@ -604,7 +724,7 @@ class TrainingLoop:
             "is_world_process_zero": True,
             "log_history": self.log_history,
             "dyn": {
-                "format": STATE_FORMAT,
+                "format": self.state_format,
                 "settings": self.settings,
                 "learning_rate": self.lr,
                 "warmup_steps": self.warmup_steps,
@@ -663,7 +783,7 @@ def _finish_record(record, req, loop, loaded, examples, train_rows, source, conf
     record.add_model("start", source.name, model_content_hash(source, config), kind=source.kind)
     record.data["device"] = str(loop.device)
     record.data["seeds"] = {"init_order_dropout": req.seed}
-    losses = [entry["loss"] for entry in loop.log_history]
+    losses = [entry["loss"] for entry in loop.log_history if "loss" in entry]
     figures = {
         "steps": loop.global_step,
         "epochs": round(loop.global_step / loop.plan.steps_per_epoch, 4),
@@ -680,6 +800,8 @@ def _finish_record(record, req, loop, loaded, examples, train_rows, source, conf
         "example_format": fmt.describe(),
         **examples.figures(),
     }
+    if loop.evaluations:
+        figures["evaluations"] = loop.evaluations
     record.data["figures"] = figures
     if req.fraction is not None and req.fraction < 1:
         record.data["training_rows"] = loaded.source_index[train_rows].tolist()

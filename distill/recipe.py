@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from dyn.core.errors import DataError, UsageError
@@ -35,6 +36,8 @@ _DISTILL_SETTINGS = (
 @dataclass
 class DistillRequest(TrainRequest):
     """`dyn distill`'s flags: dyn train's (the student is `model`) plus the teacher's."""
+
+    model_flag: ClassVar[str] = "--student"
 
     teacher: str | None = None
     teacher_cache: str | None = None

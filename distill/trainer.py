@@ -25,6 +25,7 @@ import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,9 @@ _TRAJECTORY_SETTINGS = (
 
 @dataclass
 class TrainRequest:
+    # The flag that names the model being trained, for error messages (dyn distill: --student).
+    model_flag: ClassVar[str] = "--model"
+
     data: str
     output: str
     model: str | None = None
@@ -477,17 +481,17 @@ def _model(req, source, tokenizer, resume_from, output: Path):
         return model, _base_config(model), base_path, None
     base_to_save = None
     if source.is_fresh:
-        config = fresh_config(source, tokenizer)
-        model = build_fresh_model(config, req.seed)
+        config = fresh_config(source, tokenizer, flag=req.model_flag)
+        model = build_fresh_model(config, req.seed, flag=req.model_flag)
         if req.lora_r:
             base_to_save = copy.deepcopy(model)
     else:
         if adapter_base_path(source.name) is not None:
-            raise UsageError(f"--model {source.name}: holds a LoRA adapter, not a full model; train on its base model (with --lora-r), or continue its run with --resume")
-        model = load_causal_lm(source.name)
+            raise UsageError(f"{req.model_flag} {source.name}: holds a LoRA adapter, not a full model; train on its base model (with --lora-r), or continue its run with --resume")
+        model = load_causal_lm(source.name, flag=req.model_flag)
         config = model.config
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            raise UsageError(f"--model {source.name}: its tokenizer has {len(tokenizer)} tokens, more than the model's {model.get_input_embeddings().num_embeddings} embeddings")
+            raise UsageError(f"{req.model_flag} {source.name}: its tokenizer has {len(tokenizer)} tokens, more than the model's {model.get_input_embeddings().num_embeddings} embeddings")
     if req.lora_r:
         model = apply_lora(model, req.lora_r, req.lora_alpha, req.lora_dropout)
         model.peft_config["default"].base_model_name_or_path = base_path

@@ -18,6 +18,8 @@ import typer
 
 from dyn.cli.select import Precision
 from dyn.cli.train import train_command
+from dyn.distill.losses import LOSS_NAMES, OUTSIDE_TOP_K_RULES
+from dyn.distill.schedules import SALT_DECAYS, SCHEDULES
 
 DISTILL_EXAMPLES = """
 Examples:
@@ -101,31 +103,15 @@ def cache_command(
                  footer=f"wrote {summary['output']} and {summary['run_record']}")
 
 
-class ScheduleName(str, Enum):
-    progressive = "progressive"
-    two_shot = "two-shot"
-    one_shot = "one-shot"
-    salt = "salt"
-    none = "none"
+def _choices(name: str, values) -> type:
+    """A str Enum of the library's own names, so the CLI's choices never drift from them."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class LossName(str, Enum):
-    forward_kl = "forward-kl"
-    kl = "kl"
-    reverse_kl = "reverse-kl"
-    jsd = "jsd"
-    skew_kl = "skew-kl"
-    tvd = "tvd"
-
-
-class OutsideTopK(str, Enum):
-    tail = "tail"
-    renormalise = "renormalise"
-
-
-class SaltDecay(str, Enum):
-    step = "step"
-    linear = "linear"
+ScheduleName = _choices("ScheduleName", SCHEDULES)
+LossName = _choices("LossName", ("kl", *LOSS_NAMES))
+OutsideTopK = _choices("OutsideTopK", OUTSIDE_TOP_K_RULES)
+SaltDecay = _choices("SaltDecay", SALT_DECAYS)
 
 
 def _distill_flags(
@@ -134,19 +120,19 @@ def _distill_flags(
     student: Optional[str] = typer.Option(None, "--student", help="Required: tiny | small (fresh GPT-2 presets with the teacher's tokenizer), a JSON config file, or a model folder."),
     data: Optional[str] = typer.Option(None, "--data", help="Required: the training rows (read in the format the teacher was trained with unless --template/--response-field say otherwise)."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Required: the student's run folder: checkpoint-<step>/ folders (the dyn train layout), the final model and run.json."),
-    schedule: ScheduleName = typer.Option(ScheduleName.progressive, "--schedule", help="Which teacher checkpoint teaches when: progressive (step t follows the first checkpoint with step >= t x --multiplier), two-shot, one-shot (final only), salt (KD for the first steps, then labels), none (labels only)."),
+    schedule: ScheduleName = typer.Option(ScheduleName("progressive"), "--schedule", help="Which teacher checkpoint teaches when: progressive (step t follows the first checkpoint with step >= t x --multiplier), two-shot, one-shot (final only), salt (KD for the first steps, then labels), none (labels only)."),
     multiplier: float = typer.Option(1.0, "--multiplier", help="progressive: teacher steps per student step."),
     intermediate_step: Optional[int] = typer.Option(None, "--intermediate-step", help="two-shot: the intermediate checkpoint's step (default: the first at or after the teacher's steepest logged loss drop)."),
     switch_step: Optional[int] = typer.Option(None, "--switch-step", help="two-shot: the last student step taught by the intermediate checkpoint (default: half the steps)."),
     salt_steps: Optional[int] = typer.Option(None, "--salt-steps", help="salt: distil for this many steps, then labels only."),
     salt_fraction: Optional[float] = typer.Option(None, "--salt-fraction", help="salt: distil for this fraction of the steps instead."),
-    salt_decay: SaltDecay = typer.Option(SaltDecay.step, "--salt-decay", help="salt: the KD weight falls to 0 at once (step) or linearly over the KD steps."),
-    loss: LossName = typer.Option(LossName.forward_kl, "--loss", help="Divergence: forward-kl (kl), reverse-kl, jsd (with --beta), skew-kl (with --skew), tvd; float32."),
+    salt_decay: SaltDecay = typer.Option(SaltDecay("step"), "--salt-decay", help="salt: the KD weight falls to 0 at once (step) or linearly over the KD steps."),
+    loss: LossName = typer.Option(LossName("forward-kl"), "--loss", help="Divergence: forward-kl (kl), reverse-kl, jsd (with --beta), skew-kl (with --skew), tvd; float32."),
     temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature for both sides (0: the teacher's argmax as labels)."),
     alpha: float = typer.Option(1.0, "--alpha", help="Weight of the distillation term; 1 - alpha goes to the label cross-entropy."),
     beta: float = typer.Option(0.5, "--beta", help="jsd: mixing beta (0 = forward KL, 1 = reverse KL)."),
     skew: float = typer.Option(0.1, "--skew", help="skew-kl: KL(p_T || skew p_T + (1 - skew) p_S)."),
-    outside_top_k: OutsideTopK = typer.Option(OutsideTopK.tail, "--outside-top-k", help="A cached teacher's mass outside its top-k: one tail bucket (exact at temperature 1), or renormalise over the top-k."),
+    outside_top_k: OutsideTopK = typer.Option(OutsideTopK("tail"), "--outside-top-k", help="A cached teacher's mass outside its top-k: one tail bucket (exact at temperature 1), or renormalise over the top-k."),
 ):
     """The teacher's flags (the rest come from `dyn train`)."""
 
@@ -201,6 +187,7 @@ def _report(summary: dict, *, json_output: bool, quiet: bool) -> None:
     )
     rows = [
         ("rows in / trained on", f"{summary['rows_in']} / {summary['rows_trained']}"),
+        ("rows with no response token (no loss)", str(sum(figures["rows_without_response_tokens"].values()))),
         ("schedule (student steps: teacher)", f"{schedule['schedule']} ({taught})"),
         ("teacher", summary["teacher"]["teacher"]),
         ("steps (epochs)", f"{figures['steps']} ({figures['epochs']:g})"),

@@ -81,13 +81,12 @@ def run_distillation(req: DistillRequest) -> dict | None:
     from dyn.core.distributed import barrier, world
     from dyn.core.embeddings import resolve_device, resolve_precision
     from dyn.core.io import read_rows
-    from dyn.core.lm import build_lm_examples
-    from dyn.core.models import context_length, resolve_model_source
+    from dyn.core.models import resolve_model_source
     from dyn.core.runrecord import RunRecord
     from dyn.distill.schedules import build_schedule
     from dyn.distill.trainer import (
         LR_FRESH_MODEL, LR_PRETRAINED, TrainingLoop, _check_same_run, _clear_run_folder, _model, _tokenizer,
-        _trajectory_settings, choose_fraction, held_out_evaluator, plan_steps, prepare_run_folder, row_namer, run_loop,
+        _trajectory_settings, examples_and_plan, held_out_evaluator, prepare_run_folder, row_namer, run_loop,
     )
 
     settings_kd = check_distill_request(req)
@@ -115,20 +114,7 @@ def run_distillation(req: DistillRequest) -> dict | None:
     shared = teacher.check_vocabulary(tokenizer, model)
     if shared is not None and shared.notice:
         progress.info(shared.notice)
-    max_length = req.max_length or saved_length or context_length(config)
-    if max_length > context_length(config):
-        raise UsageError(f"--max-length {max_length}: the student attends over at most {context_length(config)} positions")
-    tokenizer.model_max_length = max_length
-
-    with record.phase("tokenize"):
-        examples, loaded = build_lm_examples(loaded, fmt, tokenizer, max_length, skip_bad_rows=req.skip_bad_rows)
-    usable = examples.with_response()
-    if len(usable) == 0:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in examples.no_response.items())
-        raise DataError(f"{loaded.source}: no row has a response token to learn ({reasons})")
-    train_rows = choose_fraction(usable, req.fraction, req.seed)
-    plan = plan_steps(examples.lengths[train_rows], batch_size=req.batch_size, batch_tokens=req.batch_tokens,
-                      epochs=req.epochs, max_steps=req.max_steps, seed=req.seed)
+    examples, loaded, train_rows, plan, max_length = examples_and_plan(req, loaded, fmt, tokenizer, config, record, saved_length)
     schedule = build_schedule(
         req.schedule, teacher.checkpoints, plan.total, multiplier=req.multiplier,
         intermediate_step=req.intermediate_step, switch_step=req.switch_step, salt_steps=req.salt_steps,

@@ -281,8 +281,8 @@ def run_training(req: TrainRequest) -> dict | None:
     from dyn.core.distributed import barrier, world
     from dyn.core.embeddings import resolve_device
     from dyn.core.io import read_rows
-    from dyn.core.lm import build_lm_examples, resolve_example_format
-    from dyn.core.models import context_length, resolve_model_source
+    from dyn.core.lm import resolve_example_format
+    from dyn.core.models import resolve_model_source
     from dyn.core.runrecord import RunRecord
 
     check_request(req)
@@ -310,20 +310,7 @@ def run_training(req: TrainRequest) -> dict | None:
     with record.phase("load model"):
         tokenizer = _tokenizer(req, source, resume_from, loaded, fmt, record)
         model, config, base_path, base_to_save = _model(req, source, tokenizer, resume_from, output)
-    max_length = req.max_length or context_length(config)
-    if max_length > context_length(config):
-        raise UsageError(f"--max-length {max_length}: the model attends over at most {context_length(config)} positions")
-    tokenizer.model_max_length = max_length
-
-    with record.phase("tokenize"):
-        examples, loaded = build_lm_examples(loaded, fmt, tokenizer, max_length, skip_bad_rows=req.skip_bad_rows)
-    usable = examples.with_response()
-    if len(usable) == 0:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in examples.no_response.items())
-        raise DataError(f"{loaded.source}: no row has a response token to learn ({reasons})")
-    train_rows = choose_fraction(usable, req.fraction, req.seed)
-    plan = plan_steps(examples.lengths[train_rows], batch_size=req.batch_size, batch_tokens=req.batch_tokens,
-                      epochs=req.epochs, max_steps=req.max_steps, seed=req.seed)
+    examples, loaded, train_rows, plan, max_length = examples_and_plan(req, loaded, fmt, tokenizer, config, record)
     lr = req.lr or (LR_LORA if req.lora_r else LR_FRESH_MODEL if source.is_fresh else LR_PRETRAINED)
     progress.info(
         f"training on {len(train_rows)} of {len(examples)} rows ({fmt.describe()}), "
@@ -342,6 +329,29 @@ def run_training(req: TrainRequest) -> dict | None:
                         evaluator=evaluator, row_names=row_namer(loaded))
     return run_loop(loop, resume_from, record, lambda: _finish_record(
         record, req, loop, loaded, examples, train_rows, source, config, base_path, fmt, lr))
+
+
+def examples_and_plan(req, loaded, fmt, tokenizer, config, record, saved_length: int | None = None):
+    """Token ids of every row, the rows trained on and the step plan:
+    (examples, rows, train_rows, plan, max_length). max_length is --max-length, else
+    `saved_length` (a teacher's), else the model's context."""
+    from dyn.core.lm import build_lm_examples
+    from dyn.core.models import context_length
+
+    max_length = req.max_length or saved_length or context_length(config)
+    if max_length > context_length(config):
+        raise UsageError(f"--max-length {max_length}: {req.model_flag} {req.model} attends over at most {context_length(config)} positions")
+    tokenizer.model_max_length = max_length
+    with record.phase("tokenize"):
+        examples, loaded = build_lm_examples(loaded, fmt, tokenizer, max_length, skip_bad_rows=req.skip_bad_rows)
+    usable = examples.with_response()
+    if len(usable) == 0:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in examples.no_response.items())
+        raise DataError(f"{loaded.source}: no row has a response token to learn ({reasons})")
+    train_rows = choose_fraction(usable, req.fraction, req.seed)
+    plan = plan_steps(examples.lengths[train_rows], batch_size=req.batch_size, batch_tokens=req.batch_tokens,
+                      epochs=req.epochs, max_steps=req.max_steps, seed=req.seed)
+    return examples, loaded, train_rows, plan, max_length
 
 
 def run_loop(loop, resume_from, record, finish) -> dict | None:

@@ -1,14 +1,19 @@
 """`dyn score`: the scorers of `dyn select`, keeping every row and adding their score columns.
 
-Same flags as `dyn select` (one definition: the signature is `select_command`'s), minus the keep
-rules (-k, --fraction, --band, --threshold, --min-learnable), which are refused.
+Same flags as `dyn select` (one definition: the signature is `select_command`'s). The keep rules
+(-k, --fraction, --band, --threshold, --min-learnable) are hidden from `--help` and refused with a
+line saying why, rather than met with "no such option".
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
 
 from dyn.cli.select import run_method_command, select_command
+
+KEEP_RULES = ("k", "fraction", "band", "threshold", "min_learnable")
 
 EXAMPLES = """
 Examples:
@@ -24,6 +29,17 @@ Examples:
 @functools.wraps(select_command)
 def score_command(ctx, **_flags) -> None:
     run_method_command(ctx, score_only=True)
+
+
+def _hidden(parameter: inspect.Parameter) -> inspect.Parameter:
+    option = copy.copy(parameter.default)
+    option.hidden = True
+    return parameter.replace(default=option)
+
+
+score_command.__signature__ = inspect.signature(select_command).replace(parameters=[
+    _hidden(p) if p.name in KEEP_RULES else p for p in inspect.signature(select_command).parameters.values()
+])
 
 
 score_command.__doc__ = """Score every row and keep them all, in input order. hmin: dyn_rank (position in the

@@ -48,7 +48,7 @@ def one_intra_op_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def write_jsonl():
     """`write_jsonl(path, rows)`: write rows as JSON lines and return the path."""
     return _write_jsonl

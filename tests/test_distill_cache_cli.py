@@ -8,16 +8,10 @@ import json
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from dyn.cli.app import app
+from cli_runner import invoke as cli
 
 
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 # One intra-op thread for the whole module: see the fixture in conftest.py.

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dyn.cli.app import app
+from cli_runner import invoke as dyn
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -29,11 +28,6 @@ TINY = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 256, "resid_pdro
 FORMAT = ["--template", "{question}", "--response-field", "answer"]
 
 
-def dyn(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def worker_env() -> dict:
@@ -47,7 +41,7 @@ def single_process(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory, write_jsonl_module):
+def teacher(tmp_path_factory, write_jsonl):
     """48 GSM8K rows; a tiny teacher trained 8 steps with checkpoints at 2, 4, 6, 8 (its own
     vocabulary: 384 BPE ids), and its cache at top-k 16."""
     if not GSM8K.exists():
@@ -55,7 +49,7 @@ def teacher(tmp_path_factory, write_jsonl_module):
     folder = tmp_path_factory.mktemp("distill")
     with open(GSM8K, encoding="utf-8") as handle:
         rows = [json.loads(line) for line in itertools.islice(handle, 48)]
-    data = write_jsonl_module(folder / "train.jsonl", rows)
+    data = write_jsonl(folder / "train.jsonl", rows)
     config = folder / "tiny.json"
     config.write_text(json.dumps(TINY))
     run = folder / "teacher"
@@ -66,14 +60,6 @@ def teacher(tmp_path_factory, write_jsonl_module):
     cached = dyn("distill", "cache", "--teacher", run, "--data", data, "-o", cache, "--top-k", "16", "-q")
     assert cached.exit_code == 0, cached.stderr
     return {"folder": folder, "data": data, "config": config, "run": run, "cache": cache, "rows": rows}
-
-
-@pytest.fixture(scope="module")
-def write_jsonl_module():
-    def write(path: Path, rows: list[dict]) -> Path:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        return path
-    return write
 
 
 def student_args(teacher, *extra) -> list:
@@ -261,8 +247,8 @@ def test_two_processes_match_one(teacher, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_held_out_evaluation_is_logged(teacher, tmp_path, write_jsonl_module):
-    held = write_jsonl_module(tmp_path / "held.jsonl", teacher["rows"][:8])
+def test_held_out_evaluation_is_logged(teacher, tmp_path, write_jsonl):
+    held = write_jsonl(tmp_path / "held.jsonl", teacher["rows"][:8])
     out = tmp_path / "student"
     result = dyn(*student_args(teacher, "--teacher-cache", teacher["cache"], "--max-steps", "4", "--eval-data", held,
                                "--eval-every", "2", "--eval-metric", "final-answer", "--eval-max-new-tokens", "8", "-o", out, "--json"))
@@ -293,12 +279,12 @@ def test_a_non_finite_teacher_stops_the_run_naming_the_step_and_rows(teacher, tm
     assert not (tmp_path / "s" / "run.json").exists()
 
 
-def test_bad_inputs_exit_with_one_line_naming_the_problem(teacher, tmp_path, write_jsonl_module):
+def test_bad_inputs_exit_with_one_line_naming_the_problem(teacher, tmp_path, write_jsonl):
     from dyn.core.tokenizer_training import train_bpe_tokenizer
 
     empty = tmp_path / "no-checkpoints"
     empty.mkdir()
-    other_data = write_jsonl_module(tmp_path / "other.jsonl", teacher["rows"][:20])
+    other_data = write_jsonl(tmp_path / "other.jsonl", teacher["rows"][:20])
     bad_config = tmp_path / "bad.json"
     bad_config.write_text(json.dumps({"n_layer": 2, "n_embd": 30, "n_head": 4}))
     other_tokenizer = tmp_path / "other-student"

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from dyn.cli.app import app
+from cli_runner import invoke as cli
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GSM8K_TRAIN = SHARED_DATA / "gsm8k-train.jsonl"
@@ -34,11 +33,6 @@ def gsm8k(path: Path, start: int, n: int, max_question_chars: int | None = None)
     return rows[start:start + n]
 
 
-def cli(*args) -> object:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 # One intra-op thread for the whole module: see the fixture in conftest.py.

@@ -12,16 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from dyn.cli.app import app
+from cli_runner import invoke as cli
 
 
-def cli(*args) -> object:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def read_jsonl(path) -> list[dict]:

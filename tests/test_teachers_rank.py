@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from dyn.cli.app import app
+from cli_runner import invoke as cli
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GSM8K_TRAIN = SHARED_DATA / "gsm8k-train.jsonl"
@@ -32,11 +31,6 @@ def gsm8k(start: int, n: int, max_question_chars: int = 160) -> list[dict]:
     return [r for r in rows if len(r["question"]) <= max_question_chars][start:start + n]
 
 
-def cli(*args) -> object:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dyn.cli.app import app
+from cli_runner import invoke
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k-train.jsonl"
 TINY = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 512}
@@ -39,11 +38,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def train(*args) -> "object":
-    result = CliRunner().invoke(app, ["train", *map(str, args)])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+def train(*args):
+    return invoke("train", *args)
 
 
 @pytest.fixture(autouse=True)

@@ -247,6 +247,42 @@ def test_two_processes_match_one(teacher, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_gradient_accumulation_gives_the_same_steps(teacher, tmp_path):
+    """--grad-accum splits a step into micro-batches for memory only: the same losses and weights."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for accum in ("1", "3"):
+        out = tmp_path / f"accum-{accum}"
+        result = dyn(*student_args(teacher, "--teacher-cache", teacher["cache"], "--max-steps", "3", "--grad-accum", accum,
+                                   "-o", out, "-q"))
+        assert result.exit_code == 0, result.stderr
+        runs[accum] = out
+    assert [e["loss"] for e in log_of(runs["3"])] == pytest.approx([e["loss"] for e in log_of(runs["1"])], rel=1e-5)
+    a, b = load_file(runs["1"] / "model.safetensors"), load_file(runs["3"] / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_student_with_padding_rows_learns_over_the_shared_ids(teacher, tmp_path):
+    """A student folder whose embedding has 64 padding rows past the teacher's tokenizer: the run
+    says so and distils over the shared ids, from the online teacher and from the cache."""
+    from dyn.core.models import build_fresh_model, fresh_config, load_tokenizer, resolve_model_source
+
+    tokenizer = load_tokenizer(str(teacher["run"] / "checkpoint-2"))
+    model = build_fresh_model(fresh_config(resolve_model_source(str(teacher["config"])), tokenizer), seed=0)
+    model.resize_token_embeddings(len(tokenizer) + 64)
+    folder = tmp_path / "padded-student"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    for name, source in (("online", ["--teacher", teacher["run"]]), ("cache", ["--teacher-cache", teacher["cache"]])):
+        out = tmp_path / name
+        result = dyn("distill", "--student", folder, "--data", teacher["data"], *source, "--max-steps", "2", "-o", out, "--json")
+        assert result.exit_code == 0, result.stderr
+        assert f"the loss uses the {len(tokenizer)} ids they share" in result.stderr
+        assert json.loads(result.stdout)["teacher"]["shared_vocabulary"] == len(tokenizer)
+        assert all(np.isfinite(e["loss"]) for e in log_of(out))
+
+
 def test_held_out_evaluation_is_logged(teacher, tmp_path, write_jsonl):
     held = write_jsonl(tmp_path / "held.jsonl", teacher["rows"][:8])
     out = tmp_path / "student"

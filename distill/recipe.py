@@ -190,7 +190,7 @@ class TeacherSide:
         if folder is None:
             raise UsageError(
                 "a fresh --student takes the teacher's tokenizer, but no teacher checkpoint folder is at hand "
-                "(the cache's recorded paths are gone); give --teacher, or --tokenizer FOLDER"
+                "(none given, or the cache's recorded paths are gone); name the teacher's run folder with --teacher"
             )
         return str(folder)
 

@@ -140,6 +140,17 @@ def shift_for_next_token(logits, labels):
     return logits[:, :-1, :], labels[:, 1:]
 
 
+def next_token_targets(labels):
+    """§4.5 labels (batch, seq) -> targets (batch, seq) aligned with a causal LM's unshifted
+    logits: targets[:, t] = labels[:, t+1], IGNORE_INDEX at the last position. The same counted
+    entries, in the same order, as `shift_for_next_token`, so the losses are identical; but the
+    logits are used whole, so their gradient skips the slice's backward (a zero-filled copy of the
+    (batch, seq, vocab) gradient)."""
+    import torch
+
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+
 def distillation_loss(student_logits, targets, settings: KDLossSettings, *, teacher_log_probs=None,
                       teacher_ids=None, teacher_tail_log_prob=None, teacher_logits=None) -> DistillLoss:
     """The mixed distillation loss of a batch (see the module doc for the layout and formulas).
@@ -277,13 +288,76 @@ def top_k_log_distributions(student_logits, teacher_log_probs, teacher_ids, temp
     teacher_buckets = torch.cat([teacher_log_probs, teacher_tail_log_prob.float().unsqueeze(-1)], dim=-1)
     teacher_logp = torch.log_softmax(teacher_buckets / tau, dim=-1)
 
-    student_logits = student_logits.float()
-    outside = student_logits.scatter(-1, teacher_ids, float("-inf"))
-    student_buckets = torch.cat(
-        [student_logits.gather(-1, teacher_ids), torch.logsumexp(outside, dim=-1, keepdim=True)], dim=-1
-    )
-    student_logp = torch.log_softmax(student_buckets / tau, dim=-1)
+    inside, outside = student_top_k_and_outside(student_logits.float(), teacher_ids)
+    student_logp = torch.log_softmax(torch.cat([inside, outside], dim=-1) / tau, dim=-1)
     return teacher_logp, student_logp
+
+
+# Rows whose outside sum, shifted by the row's overall max, falls below this are recomputed shifted
+# by the outside max (exp of the outside entries would otherwise lose precision or underflow).
+_OUTSIDE_SUM_FLOOR = 2.0 ** -60
+
+
+def student_top_k_and_outside(student_logits, teacher_ids):
+    """(z_S (n, k), logsumexp of z outside S (n, 1)) for float32 `student_logits` (n, vocab) and
+    the teacher's ids (n, k), with their gradient.
+
+    The same numbers as `gather` and `logsumexp(z.scatter(-1, ids, -inf))`, in fewer passes over
+    the (n, vocab) logits (the top-k path's cost on a CPU): one exp forward, none backward (the
+    outside softmax is kept), no copy with -inf written in, no zero-filled gather gradient.
+    Each row is shifted by its overall max; rows whose outside sum would fall below
+    `_OUTSIDE_SUM_FLOOR` are redone shifted by the outside max, as logsumexp does."""
+    return _TopKAndOutside.apply(student_logits, teacher_ids)
+
+
+def _make_top_k_and_outside():
+    import torch
+
+    class TopKAndOutside(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, ids):
+            inside = logits.gather(-1, ids)
+            shift = logits.amax(dim=-1, keepdim=True)
+            shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+            weights = torch.sub(logits, shift).exp_()
+            weights.scatter_(-1, ids, 0.0)
+            total = weights.sum(dim=-1, keepdim=True)
+            low = (total < _OUTSIDE_SUM_FLOOR).squeeze(-1).nonzero().squeeze(-1)
+            if low.numel():  # a peaked row: shift by the outside max instead
+                rows = logits.index_select(0, low).scatter(-1, ids.index_select(0, low), float("-inf"))
+                row_shift = rows.amax(dim=-1, keepdim=True)
+                row_shift = torch.where(torch.isfinite(row_shift), row_shift, torch.zeros_like(row_shift))
+                row_weights = torch.sub(rows, row_shift).exp_()
+                weights.index_copy_(0, low, row_weights)
+                total.index_copy_(0, low, row_weights.sum(dim=-1, keepdim=True))
+                shift = shift.index_copy(0, low, row_shift)
+            ctx.save_for_backward(weights, total, ids)
+            return inside, total.log() + shift
+
+        @staticmethod
+        def backward(ctx, grad_inside, grad_outside):
+            weights, total, ids = ctx.saved_tensors
+            grad = weights * (grad_outside / total) if grad_outside is not None else torch.zeros_like(weights)
+            if grad_inside is not None:
+                grad.scatter_add_(-1, ids, grad_inside)
+            return grad, None
+
+    return TopKAndOutside
+
+
+class _LazyFunction:
+    """The autograd Function, built on first use (torch is imported inside functions here)."""
+
+    def __init__(self, make):
+        self.make, self.function = make, None
+
+    def apply(self, *args):
+        if self.function is None:
+            self.function = self.make()
+        return self.function.apply(*args)
+
+
+_TopKAndOutside = _LazyFunction(_make_top_k_and_outside)
 
 
 # --------------------------------------------------------------------------- divergences

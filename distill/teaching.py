@@ -35,7 +35,7 @@ class DistillObjective:
         return checkpoint, weight
 
     def row_losses(self, model, batch, positions, step: int):
-        from dyn.distill.losses import distillation_loss, shift_for_next_token
+        from dyn.distill.losses import distillation_loss, next_token_targets
         from dyn.distill.vocabulary import check_label_ids, restrict_logits
 
         if self.shared is not None:
@@ -43,7 +43,9 @@ class DistillObjective:
         checkpoint, weight = self.weights_at(step)
         settings = dataclasses.replace(self.settings, alpha=self.settings.alpha * weight)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        student_logits, targets = shift_for_next_token(restrict_logits(logits, self.shared), batch["labels"])
+        # Unshifted logits with shifted targets (`next_token_targets`): the same counted entries as
+        # `shift_for_next_token`, without the slice whose backward copies the whole logits gradient.
+        student_logits, targets = restrict_logits(logits, self.shared), next_token_targets(batch["labels"])
         teacher = {}
         if settings.alpha > 0:
             teacher = self.teacher.loss_inputs(checkpoint, batch, positions, student_logits.device)
@@ -116,7 +118,7 @@ class OnlineTeacher:
         autocast = torch.autocast(device_type=device_type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         with torch.no_grad(), autocast:
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return {"teacher_logits": restrict_logits(logits, self.shared)[:, :-1]}
+        return {"teacher_logits": restrict_logits(logits, self.shared)}  # aligned like the student's (see row_losses)
 
     def describe(self) -> dict:
         return {"teacher": "online", "checkpoint_loads": self.loads}

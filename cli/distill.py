@@ -49,7 +49,6 @@ Examples:
 """
 
 distill_app = typer.Typer(
-    help="Distil a student from a teacher's checkpoints; `dyn distill cache` caches the teacher first.",
     no_args_is_help=True,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -154,8 +153,8 @@ def distill_command(ctx: typer.Context, **_flags) -> None:
     """Train a student from a teacher's checkpoints: each row's loss is alpha x KD(teacher || student)
     + (1 - alpha) x the label cross-entropy over its response tokens, with the teacher checkpoint
     the schedule names at each step (run.json records which taught when). The teacher comes from a
-    cache (`dyn distill cache`) or runs online. Checkpoints, --resume and --num-processes work as in
-    `dyn train`; --eval-data evaluates on held-out rows."""
+    cache (`dyn distill cache`, below: build it once for many students) or runs online. Checkpoints,
+    --resume and --num-processes work as in `dyn train`; --eval-data evaluates on held-out rows."""
     if ctx.invoked_subcommand is not None:
         return
     from dyn.cli.launch import command_arguments

@@ -57,17 +57,12 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.exists():
-    DATA = Path("/work/shared/data")
+from benchlib import DATA, now
+
 
 ARMS = ("cached", "online", "plain", "trl")
 STEP_TIMES: list[float] = []
 MEMORY_STEPS = 10  # steps of the fresh-process memory runs (the peak is reached in the first steps)
-
-
-def now() -> float:
-    return time.perf_counter()
 
 
 def rss_mib() -> float:

@@ -35,33 +35,15 @@ These machines are shared and noisy: read the ratios, not the absolute times.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.exists():
-    DATA = Path("/work/shared/data")
-
-
-def now() -> float:
-    return time.perf_counter()
-
-
-def read_jsonl(path: Path, n: int) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            rows.append(json.loads(line))
-            if len(rows) == n:
-                break
-    return rows
+from benchlib import DATA, now, read_jsonl
 
 
 def build(args):

@@ -49,13 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.exists():
-    DATA = Path("/work/shared/data")
-
-
-def now() -> float:
-    return time.perf_counter()
+from benchlib import DATA, now, read_jsonl
 
 
 class PeakMemory:
@@ -90,16 +84,6 @@ class PeakMemory:
     @property
     def added_mb(self) -> float:
         return (self.peak - self.base) / 2**20
-
-
-def read_jsonl(path: Path, n: int) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            rows.append(json.loads(line))
-            if len(rows) == n:
-                break
-    return rows
 
 
 def build(args):

@@ -56,18 +56,14 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "t0-mix.jsonl.gz"
-if not DEFAULT_DATA.exists():
-    DEFAULT_DATA = Path("/work/shared/data/t0-mix.jsonl.gz")
+from benchlib import DATA, now
+
+DEFAULT_DATA = DATA / "t0-mix.jsonl.gz"
 TEMPLATE = "{prompt}\n{completion}"
 
 
 # --------------------------------------------------------------------------------------------
 # small helpers
-
-
-def now() -> float:
-    return time.perf_counter()
 
 
 def table(title: str, headers: list[str], rows: list[list], notes: list[str] | None = None) -> str:

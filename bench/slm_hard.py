@@ -26,9 +26,6 @@ shared and noisy: read the ratios, not the absolute times.
 from __future__ import annotations
 
 import argparse
-import gzip
-import itertools
-import json
 import platform
 import time
 from pathlib import Path
@@ -36,14 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.exists():
-    DATA = Path("/work/shared/data")
-
-
-def read_rows(n: int) -> list[dict]:
-    with gzip.open(DATA / "t0-mix.jsonl.gz", "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in itertools.islice(handle, n)]
+from benchlib import DATA, read_jsonl
 
 
 def build(args):
@@ -53,7 +43,7 @@ def build(args):
     from dyn.core.lm import encode_prompt_response, pad_token_id
     from dyn.core.tokenizer_training import train_bpe_tokenizer
 
-    rows = read_rows(args.rows)
+    rows = read_jsonl(DATA / "t0-mix.jsonl.gz", args.rows)
     prompts = [r["prompt"] + "\n" for r in rows]
     responses = [r["completion"] for r in rows]
     tokenizer = train_bpe_tokenizer(prompts + responses, vocab_size=min(args.vocab, 8192))

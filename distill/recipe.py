@@ -38,6 +38,8 @@ class DistillRequest(TrainRequest):
     """`dyn distill`'s flags: dyn train's (the student is `model`) plus the teacher's."""
 
     model_flag: ClassVar[str] = "--student"
+    trajectory_settings: ClassVar[tuple] = TrainRequest.trajectory_settings + _DISTILL_SETTINGS
+    path_settings: ClassVar[tuple] = TrainRequest.path_settings + ("teacher", "teacher_cache")
 
     teacher: str | None = None
     teacher_cache: str | None = None
@@ -96,8 +98,7 @@ def run_distillation(req: DistillRequest) -> dict | None:
     resume_from = prepare_run_folder(req)
     source = resolve_model_source(req.model, flag="--student")
     teacher = TeacherSide.find(req)
-    settings = _trajectory_settings(req) | {name: _absolute(getattr(req, name)) if name in ("teacher", "teacher_cache") else getattr(req, name)
-                                            for name in _DISTILL_SETTINGS}
+    settings = _trajectory_settings(req)
     if resume_from is not None:
         _check_same_run(resume_from, settings)
 
@@ -142,10 +143,6 @@ def run_distillation(req: DistillRequest) -> dict | None:
     return run_loop(loop, resume_from, record, lambda: _finish_distill_record(
         record, req, loop, loaded, examples, train_rows, source, config, fmt, lr, schedule, teacher,
         source_of_teacher, settings_kd, shared))
-
-
-def _absolute(path):
-    return str(Path(path).resolve()) if path and Path(path).exists() else path
 
 
 class TeacherSide:

@@ -51,6 +51,9 @@ _TRAJECTORY_SETTINGS = (
 class TrainRequest:
     # The flag that names the model being trained, for error messages (dyn distill: --student).
     model_flag: ClassVar[str] = "--model"
+    # What a --resume must repeat, and which of those are paths (compared resolved).
+    trajectory_settings: ClassVar[tuple] = _TRAJECTORY_SETTINGS
+    path_settings: ClassVar[tuple] = ("data", "model", "tokenizer")
 
     data: str
     output: str
@@ -384,7 +387,6 @@ def held_out_evaluator(req, fmt, tokenizer, max_length: int, record):
     (model, step) -> metrics that every rank calls; None without it."""
     if not req.eval_data:
         return None
-    from dyn.core.embeddings import resolve_device
     from dyn.core.lm import pad_token_id
     from dyn.distill.evaluation import evaluate, load_held_out
 
@@ -398,7 +400,6 @@ def held_out_evaluator(req, fmt, tokenizer, max_length: int, record):
         return evaluate(model, held_out, metric=req.eval_metric, pad_token_id=pad_id, device=device,
                         max_new_tokens=req.eval_max_new_tokens)
 
-    resolve_device(req.device)
     return evaluator
 
 
@@ -406,10 +407,10 @@ def _trajectory_settings(req: TrainRequest) -> dict:
     """The settings a resumed run must share; local paths made absolute, so a resume from
     another working folder matches."""
     values = asdict(req)
-    for name in ("data", "model", "tokenizer"):
+    for name in req.path_settings:
         if values[name] and Path(values[name]).exists():
             values[name] = str(Path(values[name]).resolve())
-    return {name: values[name] for name in _TRAJECTORY_SETTINGS}
+    return {name: values[name] for name in req.trajectory_settings}
 
 
 def _check_same_run(checkpoint, settings: dict) -> None:
@@ -537,7 +538,7 @@ class TrainingLoop:
     `row_names(positions)` names rows in errors."""
 
     def __init__(self, req, model, tokenizer, examples, train_rows, plan, lr, settings, fmt, base_path, record,
-                 *, objective=None, evaluator=None, row_names=None, state_format: str = STATE_FORMAT):
+                 *, row_names, objective=None, evaluator=None, state_format: str = STATE_FORMAT):
         import torch
         from accelerate import Accelerator
 
@@ -568,7 +569,7 @@ class TrainingLoop:
         self.resumed_from: str | None = None
         self.objective = objective or LabelObjective()
         self.evaluator = evaluator
-        self.row_names = row_names or (lambda positions: "rows at positions " + ", ".join(str(int(p)) for p in positions))
+        self.row_names = row_names
         self.state_format = state_format
         self.evaluations: list[dict] = []
         self._torch = torch

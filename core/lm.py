@@ -372,6 +372,25 @@ def collate_lm_batch(sequences, prompt_lengths, pad_token_id: int, device=None) 
     return batch
 
 
+def left_padded(prompt_ids, pad_token_id: int, device=None) -> dict:
+    """Left-pad prompts for generation: `input_ids` and `attention_mask` (0 on padding), every prompt
+    ending at the last column, so new tokens follow each one directly (`collate_lm_batch` pads on
+    the right, for training)."""
+    import torch
+
+    longest = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), longest), int(pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros((len(prompt_ids), longest), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        if len(ids):
+            input_ids[row, longest - len(ids):] = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+            attention_mask[row, longest - len(ids):] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return batch
+
+
 def pad_token_id(tokenizer) -> int:
     """The id to pad with: the tokenizer's pad token, else EOS, else 0 (padding is masked anyway)."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):

@@ -20,6 +20,11 @@ CUDA_BATCH_TOKENS = 16384
 MAX_BATCH_ROWS = 64
 
 
+def default_batch_tokens(device) -> int:
+    """The padded-token budget of a batch when --batch-tokens is not given: larger on a GPU."""
+    return CUDA_BATCH_TOKENS if str(device).startswith("cuda") else CPU_BATCH_TOKENS
+
+
 @dataclass
 class RowBatches:
     """Tokenised rows (`core.lm.LMExamples`), their batch plan, and how to name a row in errors.

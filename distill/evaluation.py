@@ -170,12 +170,9 @@ def _check_final_answers(held_out: HeldOutSet, rows: np.ndarray) -> None:
 # --------------------------------------------------------------------------- loss
 
 def _budget(batch_tokens: int | None, device, longest: int) -> int:
-    from dyn.core.lm_batches import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS
+    from dyn.core.lm_batches import default_batch_tokens
 
-    if batch_tokens is not None:
-        return batch_tokens
-    default = CUDA_BATCH_TOKENS if str(device).startswith("cuda") else CPU_BATCH_TOKENS
-    return max(default, longest)
+    return batch_tokens if batch_tokens is not None else max(default_batch_tokens(device), longest)
 
 
 def _row_losses(model, held_out: HeldOutSet, pad_token_id: int, device, batch_tokens: int | None) -> np.ndarray:
@@ -212,28 +209,13 @@ class _Prompts:
         return np.asarray([len(p) + self.new_tokens for p in self.prompt_ids], dtype=np.int64)
 
     def batch(self, positions, pad_token_id: int, device=None) -> dict:
+        from dyn.core.lm import left_padded
+
         return left_padded([self.prompt_ids[i] for i in positions], pad_token_id, device)
 
 
-def left_padded(prompt_ids, pad_token_id: int, device=None) -> dict:
-    """`input_ids` and `attention_mask` (0 on padding) with every prompt ending at the last column."""
-    import torch
-
-    longest = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), longest), int(pad_token_id), dtype=torch.long)
-    attention_mask = torch.zeros((len(prompt_ids), longest), dtype=torch.long)
-    for row, ids in enumerate(prompt_ids):
-        if len(ids):
-            input_ids[row, longest - len(ids):] = torch.as_tensor(np.asarray(ids), dtype=torch.long)
-            attention_mask[row, longest - len(ids):] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if device is not None:
-        batch = {k: v.to(device) for k, v in batch.items()}
-    return batch
-
-
 def generate_greedy(model, batch: dict, *, max_new_tokens: int, pad_token_id: int, stop_ids: list[int]) -> list[list[int]]:
-    """Greedy continuations of a left-padded batch (`left_padded`), each cut before its first stop token.
+    """Greedy continuations of a left-padded batch (`core.lm.left_padded`), each cut before its first stop token.
 
     `generate` takes the position ids from the attention mask, so a left-padded row continues
     exactly as it would alone.

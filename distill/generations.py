@@ -382,16 +382,12 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: Gene
     import torch
     from transformers import GenerationConfig
 
-    from dyn.core.lm import pad_token_id
+    from dyn.core.lm import left_padded, pad_token_id
 
     pad = pad_token_id(tokenizer)
     stops = eos_ids(model, tokenizer)
-    longest = max(len(x) for x in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), longest), pad, dtype=torch.long)
-    attention = torch.zeros((len(prompt_ids), longest), dtype=torch.long)
-    for row, ids in enumerate(prompt_ids):
-        input_ids[row, longest - len(ids):] = torch.as_tensor(ids, dtype=torch.long)
-        attention[row, longest - len(ids):] = 1
+    batch = left_padded(prompt_ids, pad, device)
+    longest = batch["input_ids"].shape[1]
     greedy = settings.temperature == 0
     g = settings.responses_per_prompt
     config = GenerationConfig(
@@ -403,7 +399,7 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: Gene
     )
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config)
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config)
     new = out[:, longest:].cpu()
     if greedy:
         new = new.repeat_interleave(g, dim=0)

@@ -656,12 +656,11 @@ def _plan_batches(examples, tokenizer, where, starts: np.ndarray, batch_tokens: 
     """Token-budget batches of rows with response tokens, never crossing a shard
     (`plan_row_batches` with the shard as group); rows without any are never run."""
     from dyn.core.lm import pad_token_id
-    from dyn.core.lm_batches import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, plan_row_batches
+    from dyn.core.lm_batches import default_batch_tokens, plan_row_batches
 
     lengths = examples.lengths
     if batch_tokens is None:
-        default = CUDA_BATCH_TOKENS if str(device).startswith("cuda") else CPU_BATCH_TOKENS
-        batch_tokens = max(default, int(lengths.max()) if len(lengths) else 1)
+        batch_tokens = max(default_batch_tokens(device), int(lengths.max()) if len(lengths) else 1)
     shard_of_row = np.searchsorted(starts, np.arange(len(examples)), side="right") - 1
     rows = plan_row_batches(examples, pad_token_id(tokenizer), where, batch_tokens, groups=shard_of_row, device=device)
     rows.batches = [b[examples.response_tokens[b] > 0] for b in rows.batches]

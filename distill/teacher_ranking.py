@@ -286,7 +286,7 @@ def _student_rows(req: TeacherRankRequest, model, tokenizer, candidates, device:
     candidate's usable rows (in the batches' row order) and token figures."""
     from dyn.core import progress
     from dyn.core.lm import LMExamples, encode_prompt_response, pad_token_id
-    from dyn.core.lm_batches import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, plan_row_batches
+    from dyn.core.lm_batches import default_batch_tokens, plan_row_batches
     from dyn.core.models import context_length
     from dyn.distill.grace import MIN_PROMPTS
 
@@ -346,7 +346,7 @@ def _student_rows(req: TeacherRankRequest, model, tokenizer, candidates, device:
             wheres.append(candidate.where(int(i)))
     combined = LMExamples(ids, np.asarray(prompt_lengths, dtype=np.int64), np.asarray(counts, dtype=np.int64),
                           np.asarray(truncated, dtype=bool), max_length=max_length)
-    budget = req.batch_tokens or (CUDA_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS)
+    budget = req.batch_tokens or default_batch_tokens(device)
     budget = max(budget, int(combined.lengths.max()))
     rows = plan_row_batches(combined, pad_token_id(tokenizer), lambda i: wheres[i], budget,
                             groups=np.asarray(groups, dtype=np.int64), group_names=[c.name for c in candidates], device=device)

@@ -192,7 +192,7 @@ class _ScoringState:
         from dyn.core.lm import build_lm_examples, check_format_columns, pad_token_id
         from dyn.distill.checkpoints import trained_example_format
         from dyn.core.models import context_length
-        from dyn.core.lm_batches import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, plan_row_batches
+        from dyn.core.lm_batches import default_batch_tokens, plan_row_batches
         from dyn.influence.checkpoints import load_scoring_model
 
         first = self.plan[0]
@@ -208,7 +208,7 @@ class _ScoringState:
         check_format_columns(anchor_loaded, fmt)
         anchor_examples, anchor_loaded = build_lm_examples(anchor_loaded, fmt, tokenizer, max_length, skip_bad_rows=self.req.skip_bad_rows)
         groups, names = _anchor_groups(anchor_loaded, self.req.anchor_group_field)
-        budget = self.req.batch_tokens or (CUDA_BATCH_TOKENS if self.device.startswith("cuda") else CPU_BATCH_TOKENS)
+        budget = self.req.batch_tokens or default_batch_tokens(self.device)
         budget = max(budget, int(examples.lengths.max()), int(anchor_examples.lengths.max()))
         pad = pad_token_id(tokenizer)
         self.rows_budget = budget

@@ -210,7 +210,7 @@ def _load_slm(folder: str):
 def _tokenised_rows(req: SlmHardRequest, loaded, model, tokenizer, device: str):
     """Prompt/response token ids of every row, planned into token-budget batches."""
     from dyn.core.lm import ExampleFormat, build_lm_examples, pad_token_id
-    from dyn.core.lm_batches import CPU_BATCH_TOKENS, CUDA_BATCH_TOKENS, plan_row_batches
+    from dyn.core.lm_batches import default_batch_tokens, plan_row_batches
     from dyn.core.models import context_length
     from dyn.distill.checkpoints import trained_example_format
 
@@ -226,7 +226,7 @@ def _tokenised_rows(req: SlmHardRequest, loaded, model, tokenizer, device: str):
     if max_length > context:
         raise UsageError(f"--max-length {max_length}: the small LM attends over at most {context} positions")
     examples, loaded = build_lm_examples(loaded, fmt, tokenizer, max_length, skip_bad_rows=req.skip_bad_rows)
-    budget = req.batch_tokens or (CUDA_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS)
+    budget = req.batch_tokens or default_batch_tokens(device)
     budget = max(budget, int(examples.lengths.max()) if len(examples) else 0)
     rows = plan_row_batches(examples, pad_token_id(tokenizer), loaded.where, budget, device=device)
     figures = examples.figures() | {"example_format": fmt.describe(), "batch_tokens": budget}

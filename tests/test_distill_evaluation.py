@@ -191,7 +191,8 @@ def cache_free_greedy(model, prompt, new_tokens: int, stop: int) -> list[int]:
 
 def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
     from dyn.core.lm import encode_prompt_response
-    from dyn.distill.evaluation import generate_greedy, left_padded
+    from dyn.core.lm import left_padded
+    from dyn.distill.evaluation import generate_greedy
 
     tokenizer, pad, model = tiny["tokenizer"], tiny["pad"], tiny["spread"].eval()
     rows = tiny["rows"][:120:15]

@@ -6,6 +6,8 @@ run of bench/distill.py's arms on a few rows."""
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -52,8 +54,9 @@ def test_fused_outside_keeps_nan():
     assert torch.isfinite(outside[0]).all() and torch.isnan(outside[1]).all()
 
 
-def test_bench_distill_smoke(tmp_path, monkeypatch):
-    """Every dyn arm of the benchmark runs through the library on a few rows (TRL skipped)."""
+def test_bench_distill_smoke(tmp_path, monkeypatch, capsys):
+    """Every dyn arm of the benchmark runs through the library on a few rows (TRL skipped) and
+    reports a rate, both ratios, the cache's 6k + 4 bytes per token and a finite final loss."""
     path = Path(__file__).resolve().parents[1] / "bench" / "distill.py"
     spec = importlib.util.spec_from_file_location("bench_distill", path)
     bench = importlib.util.module_from_spec(spec)
@@ -63,6 +66,15 @@ def test_bench_distill_smoke(tmp_path, monkeypatch):
                                       "--vocab-size", "300", "--top-k", "4", "--max-length", "128",
                                       "--arms", "cached,online,plain", "--no-memory", "--workdir", str(tmp_path)])
     bench.main()
+    out = capsys.readouterr().out
+    for name in ("dyn distill, cached teacher", "dyn distill, online teacher", "dyn train, plain CE (no teacher)"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
+        assert float(row.split("|")[2]) > 0, row
+    assert re.search(r"cached / online = \d+\.\d+", out) and re.search(r"cached / plain CE = \d+\.\d+", out)
+    assert "(6k+4 = 28)" in out
+    for arm in ("cached", "online", "plain"):
+        loss = re.search(rf"^{arm}: first step .*, final loss ([0-9.e+-]+),", out, re.M)
+        assert loss and math.isfinite(float(loss.group(1))), out
 
 
 @pytest.mark.parametrize("teacher_kind", ["top-k", "logits"])

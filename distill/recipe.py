@@ -130,6 +130,8 @@ def run_distillation(req: DistillRequest) -> dict | None:
         f"distilling on {len(train_rows)} of {len(examples)} rows ({fmt.describe()}), {plan.total} steps, "
         f"schedule {schedule.kind}, teacher {'none' if source_of_teacher is None else source_of_teacher.kind}, lr {lr:g}"
     )
+    evaluator = held_out_evaluator(req, fmt, tokenizer, max_length, record)
+    # Only now, with the input checked, is anything written (or an old run deleted).
     if w.is_main:
         _clear_run_folder(Path(req.output), req.overwrite and resume_from is None)
     barrier()
@@ -137,7 +139,6 @@ def run_distillation(req: DistillRequest) -> dict | None:
     from dyn.distill.teaching import DistillObjective
 
     objective = DistillObjective(schedule, source_of_teacher, settings_kd, shared)
-    evaluator = held_out_evaluator(req, fmt, tokenizer, max_length, record)
     loop = TrainingLoop(req, model, tokenizer, examples, train_rows, plan, lr, settings, fmt, None, record,
                         objective=objective, evaluator=evaluator, row_names=names, state_format=STATE_FORMAT)
     return run_loop(loop, resume_from, record, lambda: _finish_distill_record(

@@ -319,6 +319,7 @@ def run_training(req: TrainRequest) -> dict | None:
         f"training on {len(train_rows)} of {len(examples)} rows ({fmt.describe()}), "
         f"{plan.total} steps, {plan.steps_per_epoch} per epoch, lr {lr:g}"
     )
+    evaluator = held_out_evaluator(req, fmt, tokenizer, max_length, record)
     # Only now, with the input checked, is anything written (or an old run deleted).
     if w.is_main:
         _clear_run_folder(output, req.overwrite and resume_from is None)
@@ -327,7 +328,6 @@ def run_training(req: TrainRequest) -> dict | None:
             tokenizer.save_pretrained(base_path)
     barrier()
 
-    evaluator = held_out_evaluator(req, fmt, tokenizer, max_length, record)
     loop = TrainingLoop(req, model, tokenizer, examples, train_rows, plan, lr, settings, fmt, base_path, record,
                         evaluator=evaluator, row_names=row_namer(loaded))
     return run_loop(loop, resume_from, record, lambda: _finish_record(

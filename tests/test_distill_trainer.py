@@ -297,6 +297,19 @@ def test_held_out_evaluation_is_logged(teacher, tmp_path, write_jsonl):
     assert [e["step"] for e in state if "eval_loss" in e] == [2, 4]
 
 
+def test_a_bad_held_out_file_leaves_the_run_being_overwritten_alone(teacher, tmp_path, write_jsonl):
+    """The held-out file is read before --overwrite deletes anything."""
+    out = tmp_path / "student"
+    first = dyn(*student_args(teacher, "--teacher-cache", teacher["cache"], "--max-steps", "1", "-o", out, "-q"))
+    assert first.exit_code == 0, first.stderr
+    before = sorted(p.name for p in out.iterdir())
+    no_answer = write_jsonl(tmp_path / "held.jsonl", [{"question": "q", "reply": "r"}])
+    again = dyn(*student_args(teacher, "--teacher-cache", teacher["cache"], "--max-steps", "1", "-o", out, "--overwrite",
+                              "--eval-data", no_answer))
+    assert again.exit_code == 3 and "held.jsonl" in again.stderr and "answer" in again.stderr, again.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_a_non_finite_teacher_stops_the_run_naming_the_step_and_rows(teacher, tmp_path):
     """Position embeddings past 100 set to NaN: only rows longer than that get a NaN loss."""
     import shutil

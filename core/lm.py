@@ -60,22 +60,62 @@ def per_token_losses(logits, labels):
 
 
 def per_row_loss(logits, labels):
-    """Each row's mean loss over its own response tokens, shape (batch,).
+    """Each row's mean loss over its own response tokens, shape (batch,), from full logits
+    (batch, seq, vocab) and unshifted labels.
 
     Rows with no response token get NaN (callers report them; they are never silently averaged).
     """
+    return mean_response_loss(logits[:, :-1, :], labels[:, 1:])
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM (or the one under a PEFT or DDP wrapper) computes logits only at given
+    positions (`logits_to_keep`, a tensor of sequence indices; Hugging Face causal LMs do)."""
+    import inspect
+
+    base = getattr(model, "module", model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def response_logits(model, batch: dict, **forward):
+    """The logits that predict response tokens, with their labels: (logits (batch, P, vocab),
+    next-token labels (batch, P)).
+
+    P are the positions t whose next token t+1 is a response token of some row in the batch. Where
+    the model takes `logits_to_keep`, its output layer runs only there, so prompt positions'
+    vocabulary-wide logits are never formed (with long prompts and large vocabularies that is
+    much of a forward pass); otherwise all logits are computed and those positions taken."""
     import torch
 
-    losses = per_token_losses(logits, labels)
-    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+    next_labels = batch["labels"][:, 1:]
+    positions = torch.nonzero((next_labels != IGNORE_INDEX).any(dim=0)).squeeze(1)
+    if takes_logits_to_keep(model):
+        forward["logits_to_keep"] = positions
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **forward).logits
+    if "logits_to_keep" not in forward:
+        logits = logits[:, positions, :]
+    return logits, next_labels[:, positions]
+
+
+def mean_response_loss(logits, next_labels):
+    """Each row's mean cross-entropy over its response tokens from already-shifted `logits`
+    (batch, P, vocab) and `next_labels` (batch, P); NaN for rows with none. Float32."""
+    import torch
+    import torch.nn.functional as F
+
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), next_labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none").view(next_labels.shape)
+    counts = (next_labels != IGNORE_INDEX).sum(dim=1)
     total = losses.sum(dim=1)
     return torch.where(counts > 0, total / counts.clamp_min(1), torch.full_like(total, float("nan")))
 
 
 def model_row_losses(model, batch: dict):
-    """Forward `batch` (from `collate_lm_batch`) through a causal LM; each row's `per_row_loss`."""
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return per_row_loss(outputs.logits, batch["labels"])
+    """Forward `batch` (from `collate_lm_batch`) through a causal LM; each row's mean loss over its
+    response tokens (equal to `per_row_loss` of the full logits), from `response_logits`."""
+    return mean_response_loss(*response_logits(model, batch))
 
 
 # --------------------------------------------------------------------------- rows -> (prompt, response)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dyn.core.errors import DataError, UsageError
-from dyn.core.lm import IGNORE_INDEX
+from dyn.core.lm import IGNORE_INDEX, response_logits
 
 DEFAULT_TOP_K = 10
 
@@ -85,30 +85,13 @@ def batch_scores(model, batch: dict, top_k: int, autocast_dtype=None) -> tuple[n
 
     device_type = batch["input_ids"].device.type
     context = torch.autocast(device_type=device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    next_labels = batch["labels"][:, 1:]
-    keep = {}
-    if takes_logits_to_keep(model):
-        positions = torch.nonzero((next_labels != IGNORE_INDEX).any(dim=0)).squeeze(1)
-        keep = {"logits_to_keep": positions}
-        next_labels = next_labels[:, positions]
-    with torch.inference_mode(), context:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **keep).logits
     with torch.inference_mode():
-        if not keep:
-            logits = logits[:, :-1, :]
+        with context:
+            logits, next_labels = response_logits(model, batch)
         losses, learnable, counted, finite = learnable_token_losses(logits, next_labels, top_k)
         score = median_of_learnable(losses, learnable)
     return (score.cpu().numpy().astype(np.float64), learnable.sum(1).cpu().numpy(), counted.sum(1).cpu().numpy(),
             (~finite).any(1).cpu().numpy())
-
-
-def takes_logits_to_keep(model) -> bool:
-    """Whether the causal LM (or the one under a PEFT wrapper) computes logits only at given
-    positions (`logits_to_keep`, a tensor of sequence indices)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def score_rows(model, rows, top_k: int, precision: str = "float32") -> SlmScores:

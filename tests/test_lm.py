@@ -15,7 +15,7 @@ import torch
 from dyn.core.errors import DataError, UsageError
 from dyn.core.lm import (
     IGNORE_INDEX, NO_RESPONSE_EMPTY, NO_RESPONSE_TRUNCATED, ExampleFormat, build_lm_examples,
-    collate_lm_batch, encode_prompt_response, model_row_losses, pad_token_id, per_row_loss,
+    collate_lm_batch, encode_prompt_response, model_row_losses, pad_token_id, per_row_loss, takes_logits_to_keep,
     resolve_example_format, split_messages,
 )
 
@@ -88,11 +88,14 @@ def test_labels_mask_prompt_and_padding_and_loss_matches_hand_computation(rows, 
     assert len(set(examples.lengths.tolist())) > 1, "the batch really is padded"
 
     with torch.no_grad():
+        assert takes_logits_to_keep(model), "the output layer runs at response positions only"
         batched = model_row_losses(model, batch)
+        full_logits = per_row_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
         singles = torch.cat([model_row_losses(model, examples.batch([i], pad_token_id(tokenizer))) for i in range(8)])
     hand = torch.tensor([hand_row_loss(model, examples.input_ids[i], int(examples.prompt_lengths[i])) for i in range(8)], dtype=torch.float64)
     torch.testing.assert_close(batched.double(), hand, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, full_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_per_row_loss_is_nan_for_a_row_without_response_tokens():

@@ -31,8 +31,31 @@ the allocator keeps would hide it in a shared process; for `less`, the held proj
 a buffer of 16 gradients). Also the agreement of directional with the exact per-sample gradients on a few rows.
 These machines are shared and noisy: read the ratios, not the absolute times.
 
+Peers, each run only where its package imports (run the script with an interpreter that has it; a
+row says "not run: <reason>" otherwise), on the same model and the first `--peer-rows` rows (the
+rows LESS scores), each through its own public API, timed apart from its anchor side where the API
+separates it; reported next to `less` and directional with the agreement (Spearman, relative
+error) of its scores with dyn's exact directional scores on those rows:
+
+- bergson (`InMemoryCollector` + `CollectorComputer` + `Scorer`): per-sample gradients of the
+  Linear/Conv1D layers it hooks (weights and biases; no embeddings or layer norms), each projected
+  on both sides to √`--peer-dim` (so `--peer-dim` per module), dot with the mean projected anchor
+  gradient, rows in dyn's batches;
+- dattri (`TracInAttributor`, one checkpoint, weight 1, unnormalised = Grad-Dot): vmap per-sample
+  gradients of all parameters, dense Rademacher projection (`random_project`) to `--peer-dim`; the
+  anchors' gradients are recomputed for every row batch (TracIn's loop), so they are charged;
+- traker (`FunctionalGradientComputer` + `BasicProjector`, the pieces LESS itself uses): vmap
+  per-sample gradients of all parameters, dense Rademacher projection to `--peer-dim` (no 1/√k:
+  scores are divided by k for the relative error). `TRAKer`'s own score adds (XᵀX)⁻¹ and is a
+  different quantity, so it is not used.
+
+dattri and traker batch `--peer-batch` rows padded to the batch's longest (vmap needs one shape).
+
     python bench/grad.py --threads 1                                   # 128 rows, less on 32
     python bench/grad.py --threads 1 --hidden 256 --heads 4 --vocab 4096 --less-rows 0   # `small`
+    /tmp/peer-bergson/bin/python bench/grad.py --threads 1            # + bergson (side venvs:
+    /tmp/peer-dattri/bin/python bench/grad.py --threads 1             #   docs/benchmarks.md, grad)
+    /tmp/peer-traker/bin/python bench/grad.py --threads 1
 """
 
 from __future__ import annotations
@@ -188,6 +211,127 @@ def less_way(model, params, rows, pad, projector, target, interval: int = 16):
     return scores
 
 
+# --------------------------------------------------------------------------------------------
+# peers: each scores `rows` (an LMExamples) against `anchors` and returns scores in row order
+
+
+PEERS = {"bergson": "bergson", "dattri": "dattri", "traker": "trak"}  # distribution -> module
+
+
+def peer_available(name: str) -> str | None:
+    """None when the peer's package imports, else why not."""
+    try:
+        __import__(PEERS[name])
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure is the reason reported
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def batch_plan(examples, max_tokens):
+    """Row indices of each batch `batches` makes (longest rows first)."""
+    from dyn.core.embeddings import plan_batches
+
+    return [[int(i) for i in b] for b in plan_batches(examples.lengths, max_tokens=max_tokens, max_rows=64)]
+
+
+def padded_loader(examples, pad, batch_size):
+    """The rows longest first, `batch_size` at a time, each batch right-padded to its longest row
+    as (input_ids, labels); and that row order."""
+    order = sorted(range(len(examples)), key=lambda i: -int(examples.lengths[i]))
+    loader = torch.utils.data.DataLoader(order, batch_size=batch_size, collate_fn=lambda b: collate(examples, b, pad))
+    return loader, order
+
+
+def collate(examples, positions, pad):
+    batch = examples.batch(positions, pad)
+    return batch["input_ids"], batch["labels"]
+
+
+def functional_loss(model, weights, ids, labels):
+    """One unbatched row's mean response-token loss (dyn's ℓ), torch.func style; right padding
+    needs no attention mask under causal attention."""
+    from dyn.core.lm import per_row_loss
+
+    logits = torch.func.functional_call(model, weights, (ids.unsqueeze(0),), {"use_cache": False}).logits
+    return per_row_loss(logits, labels.unsqueeze(0))[0]
+
+
+def bergson_dataset(examples):
+    from datasets import Dataset
+
+    ids = [[int(t) for t in x] for x in examples.input_ids]
+    labels = [[-100] * int(p) + x[int(p):] for x, p in zip(ids, examples.prompt_lengths)]
+    return Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
+def bergson_collect(model, examples, plan, dim, query=None):
+    """bergson's in-memory collector over the batches of `plan`: each module's mean projected
+    gradient (query None), or every row's score against `query` (such means)."""
+    import tempfile
+
+    from bergson import CollectorComputer, GradientProcessor, IndexConfig, InMemoryCollector, Scorer
+    from bergson.score.score_writer import InMemorySequenceScoreWriter
+
+    side = math.isqrt(dim)
+    data = bergson_dataset(examples)
+    with tempfile.TemporaryDirectory() as work:
+        cfg = IndexConfig(run_path=work + "/run", projection_dim=side, loss_reduction="mean", include_bias=True)
+        Path(cfg.partial_run_path).mkdir()
+        processor = GradientProcessor(projection_dim=side, include_bias=True, projection_seed=0)
+        scorer = None if query is None else Scorer(query, list(query), InMemorySequenceScoreWriter(len(data), 1), torch.device("cpu"), torch.float32)
+        collector = InMemoryCollector(model=model.base_model, data=data, cfg=cfg, processor=processor, scorer=scorer)
+        CollectorComputer(model, data, collector=collector, batches=plan, cfg=cfg).run_with_collector_hooks()
+    if query is None:
+        return {m: g.float().mean(0, keepdim=True) for m, g in collector.gradients.items()}
+    return collector.scores[:, 0].float()
+
+
+def dattri_scores(model, rows, anchors, pad, dim, batch_size):
+    """dattri's TracIn (one checkpoint, weight 1, unnormalised: Grad-Dot), mean over the anchors."""
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.task import AttributionTask
+
+    task = AttributionTask(loss_func=lambda w, data: functional_loss(model, w, *data), model=model, checkpoints=model.state_dict())
+    attributor = TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=False, device="cpu",
+                                  projector_kwargs={"proj_dim": dim, "proj_type": "rademacher", "proj_seed": 0})
+    train, order = padded_loader(rows, pad, batch_size)
+    test, _ = padded_loader(anchors, pad, len(anchors))
+    scores = torch.empty(len(rows))
+    scores[torch.tensor(order)] = attributor.attribute(train, test).mean(1)
+    return scores
+
+
+def traker_project(model, examples, pad, projector, batch_size):
+    """trak's vmap per-sample gradients of `functional_loss`, projected by `projector`, row order."""
+    from trak.gradient_computers import FunctionalGradientComputer
+    from trak.modelout_functions import AbstractModelOutput
+
+    class RowLoss(AbstractModelOutput):
+        def __init__(self):
+            pass
+
+        def get_output(self, model, weights, buffers, ids, labels):
+            return functional_loss(model, {**weights, **buffers}, ids, labels)
+
+        def get_out_to_loss_grad(self, model, weights, buffers, batch):
+            return torch.ones(batch[0].shape[0])
+
+    computer = FunctionalGradientComputer(model, RowLoss(), projector.grad_dim, torch.float32, torch.device("cpu"))
+    loader, order = padded_loader(examples, pad, batch_size)
+    out = torch.empty(len(examples), projector.proj_dim)
+    done = 0
+    for ids, labels in loader:
+        grads = computer.compute_per_sample_grad((ids, labels))
+        out[torch.tensor(order[done:done + len(ids)])] = projector.project(grads, model_id=0)
+        done += len(ids)
+    return out
+
+
+def spearman(a, b) -> float:
+    rank = lambda x: np.argsort(np.argsort(np.asarray(x, dtype=np.float64)))  # noqa: E731
+    return float(np.corrcoef(rank(a), rank(b))[0, 1])
+
+
 def timed(label, fn, rows_count):
     start = now()
     out = fn()
@@ -209,6 +353,9 @@ def main():
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--proj-dim", type=int, default=1024, help="store engine: projected size per parameter")
     parser.add_argument("--less-dim", type=int, default=8192)
+    parser.add_argument("--peer-rows", type=int, default=32, help="rows each peer package scores (the first ones, as LESS); 0 skips peers")
+    parser.add_argument("--peer-dim", type=int, default=1024, help="peers' projected size (bergson: per module, sqrt of it per side)")
+    parser.add_argument("--peer-batch", type=int, default=8, help="rows per vmap batch (dattri, traker)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one method's memory in a child
     args = parser.parse_args()
@@ -276,6 +423,62 @@ def main():
     for r, name in zip(results, ("forward", "directional", "jvp", "store", "less")):
         per_row = r["seconds"] / r["rows"]
         print(f"| {r['method']:<40} | {r['rows']:>5} | {r['rows_per_s']:>8.2f} | {per_row / floor:>14.2f} | {less / per_row:>12.1f} | {memory[name]:>8.0f} |")
+    if args.peer_rows:
+        exact = torch.empty(len(rows))  # dyn's exact directional scores, in row order
+        exact[torch.tensor([i for b in batch_plan(rows, args.batch_tokens) for i in b])] = torch.cat(results[1]["out"]).float()
+        run_peers(args, model, params, rows, anchors, pad, exact, results[1], results[4] if args.less_rows else None)
+
+
+def run_peers(args, model, params, rows, anchors, pad, exact, directional_result, less_result):
+    """Time each peer package that imports on the first `--peer-rows` rows; print a table."""
+    from importlib.metadata import version
+
+    subset = rows_subset(rows, args.peer_rows)
+    n, dim = len(subset), args.peer_dim
+    measured, notes = [], {}
+    if less_result is not None:
+        measured.append(dict(less_result, method="LESS/CLUES way (reference)", scores=torch.cat(less_result["out"])))
+    for name in PEERS:
+        reason = peer_available(name)
+        if reason is not None:
+            notes[name] = f"not run: {reason}"
+            continue
+        start = now()
+        if name == "bergson":
+            query = bergson_collect(model, anchors, batch_plan(anchors, args.batch_tokens), dim)
+            run = lambda: bergson_collect(model, subset, batch_plan(subset, args.batch_tokens), dim, query)  # noqa: E731
+        elif name == "dattri":
+            dattri_scores(model, rows_subset(rows, 2), anchors, pad, dim, args.peer_batch)  # warm-up (vmap, imports)
+            run = lambda: dattri_scores(model, subset, anchors, pad, dim, args.peer_batch)  # noqa: E731
+        else:
+            from trak.projectors import BasicProjector, ProjectionType
+
+            projector = BasicProjector(params.numel, dim, 0, ProjectionType.rademacher, torch.device("cpu"))
+            target = traker_project(model, anchors, pad, projector, args.peer_batch).mean(0)
+            run = lambda: traker_project(model, subset, pad, projector, args.peer_batch) @ target / dim  # noqa: E731
+        notes[name] = (f"{name}: warm-up {now() - start:.1f}s; the anchors' gradients are recomputed for every row batch, inside the time"
+                       if name == "dattri" else f"{name}: anchor side (projected mean anchor gradient) {now() - start:.1f}s, not charged per row")
+        result = timed(f"{name} {version(name)}", run, n)
+        measured.append(dict(result, scores=result["out"]))
+
+    direct = directional_result["seconds"] / directional_result["rows"]
+    less = less_result["seconds"] / less_result["rows"] if less_result is not None else float("nan")
+    print(f"\npeers: the first {n} rows, projected size {dim}; agreement with dyn's exact directional scores on the same rows")
+    header = f"| {'method':<40} | {'rows':>5} | {'rows/s':>8} | {'x LESS speed':>12} | {'x directional speed':>19} | {'Spearman':>8} | {'rel. error':>10} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for r in measured:
+        per_row, scores = r["seconds"] / r["rows"], r["scores"].double()
+        reference = exact[: len(scores)].double()
+        error = float((scores - reference).norm() / reference.norm())
+        print(f"| {r['method']:<40} | {r['rows']:>5} | {r['rows_per_s']:>8.2f} | {less / per_row:>12.2f} | {direct / per_row:>19.3f} | "
+              f"{spearman(scores, reference):>8.3f} | {error:>10.3f} |")
+    for name, note in notes.items():
+        if note.startswith("not run"):
+            print(f"| {name:<40} | {note} | | | | | |")
+    for note in notes.values():
+        if not note.startswith("not run"):
+            print(note)
 
 
 def child_peak_mb(method: str) -> float:

@@ -25,35 +25,10 @@ import argparse
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def read_jsonl(path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def dyn(*args) -> None:
-    """Run one `dyn` command as a subprocess (one intra-op thread unless the caller set more)."""
-    cmd = [sys.executable, "-m", "dyn.cli", *[str(a) for a in args]]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    start = time.perf_counter()
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.stderr.write(result.stdout + result.stderr)
-        raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}")
-    print(f"  [{time.perf_counter() - start:6.1f}s] dyn {' '.join(str(a) for a in args[:2])} ...", flush=True)
+from examplelib import DATA, dyn, read_jsonl, write_jsonl
 
 
 def ranks(values: list[float]) -> list[float]:

@@ -248,13 +248,13 @@ def test_gsm8k_corrupted_answers_score_below_clean_ones(tmp_path, write_jsonl):
     (AUROC of dyn_score >= 0.8)."""
     from dyn.influence.scores import auroc
 
-    rows = gsm8k(GSM8K_TRAIN, 0, 300)
-    rng = np.random.default_rng(0)
-    corrupted = np.sort(rng.choice(len(rows), size=len(rows) // 5, replace=False))
-    answers = [rows[i]["answer"] for i in corrupted]
-    for k, i in enumerate(corrupted):  # each takes the next corrupted row's answer: never its own
-        rows[i] = {**rows[i], "answer": answers[(k + 1) % len(corrupted)]}
-    rows = [{**r, "corrupted": bool(i in set(corrupted.tolist()))} for i, r in enumerate(rows)]
+    from grad_gsm8k import corrupted_rows  # examples/: the same corruption as the full-scale example
+
+    clean = gsm8k(GSM8K_TRAIN, 0, 300)
+    rows = corrupted_rows(clean, 0.2, seed=0)
+    swapped = [i for i, r in enumerate(rows) if r["corrupted"]]
+    assert len(swapped) == 60 and all(rows[i]["answer"] != clean[i]["answer"] for i in swapped)
+    assert all(rows[i]["answer"] == clean[i]["answer"] for i in range(300) if i not in set(swapped))
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     anchor = write_jsonl(tmp_path / "anchor.jsonl", gsm8k(GSM8K_TEST, 0, 32))
     run = tmp_path / "warm"
@@ -271,8 +271,8 @@ def test_gsm8k_corrupted_answers_score_below_clean_ones(tmp_path, write_jsonl):
     value = auroc(np.array([r["dyn_score"] for r in scored]), np.array([not r["corrupted"] for r in scored]))
     if value < 0.8:
         # Not silently weakened: the run above must work end to end, and the shortfall is reported
-        # as an expected failure with the measured value (see docs/benchmarks.md, grad, and
-        # examples/grad_gsm8k.py). At test scale a tiny from-scratch GPT-2 barely conditions its
+        # as an expected failure with the measured value (see docs/benchmarks.md, grad, and the
+        # full-scale examples/grad_gsm8k.py). At test scale a tiny from-scratch GPT-2 barely conditions its
         # answer on the question (its own loss separates clean from corrupted rows at AUROC
         # 0.66-0.73 after 1500-2000 steps on 3300 rows), and the mean anchor gradient is dominated
         # by answer-style terms that swapped answers share.

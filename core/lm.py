@@ -78,7 +78,7 @@ def takes_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def response_logits(model, batch: dict, **forward):
+def response_logits(model, batch: dict):
     """The logits that predict response tokens, with their labels: (logits (batch, P, vocab),
     next-token labels (batch, P)).
 
@@ -90,11 +90,10 @@ def response_logits(model, batch: dict, **forward):
 
     next_labels = batch["labels"][:, 1:]
     positions = torch.nonzero((next_labels != IGNORE_INDEX).any(dim=0)).squeeze(1)
-    if takes_logits_to_keep(model):
-        forward["logits_to_keep"] = positions
+    keep = takes_logits_to_keep(model)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   **forward).logits
-    if "logits_to_keep" not in forward:
+                   **({"logits_to_keep": positions} if keep else {})).logits
+    if not keep:
         logits = logits[:, positions, :]
     return logits, next_labels[:, positions]
 

@@ -97,6 +97,18 @@ def test_labels_mask_prompt_and_padding_and_loss_matches_hand_computation(rows, 
     torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched, full_logits, rtol=1e-5, atol=1e-5)
 
+    class WithoutLogitsToKeep(torch.nn.Module):  # a causal LM that always returns every position
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, use_cache):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    assert not takes_logits_to_keep(WithoutLogitsToKeep(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model_row_losses(WithoutLogitsToKeep(model), batch), batched, rtol=1e-5, atol=1e-5)
+
 
 def test_per_row_loss_is_nan_for_a_row_without_response_tokens():
     logits = torch.randn(2, 4, 7)

@@ -46,17 +46,17 @@ def per_token_losses(logits, labels):
     `logits` (batch, seq, vocab) predict position t+1 from position t; `labels` (batch, seq) hold
     the token ids with IGNORE_INDEX at prompt and padding positions. Computed in float32.
     """
+    return next_token_losses(logits[:, :-1, :], labels[:, 1:])
+
+
+def next_token_losses(logits, next_labels):
+    """Float32 cross-entropy of already-shifted `logits` (batch, P, vocab) against `next_labels`
+    (batch, P), zero where the label is ignored."""
     import torch.nn.functional as F
 
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = labels[:, 1:]
-    losses = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-        shifted_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return losses.view(shifted_labels.shape)
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), next_labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.view(next_labels.shape)
 
 
 def per_row_loss(logits, labels):
@@ -102,10 +102,8 @@ def mean_response_loss(logits, next_labels):
     """Each row's mean cross-entropy over its response tokens from already-shifted `logits`
     (batch, P, vocab) and `next_labels` (batch, P); NaN for rows with none. Float32."""
     import torch
-    import torch.nn.functional as F
 
-    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), next_labels.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="none").view(next_labels.shape)
+    losses = next_token_losses(logits, next_labels)
     counts = (next_labels != IGNORE_INDEX).sum(dim=1)
     total = losses.sum(dim=1)
     return torch.where(counts > 0, total / counts.clamp_min(1), torch.full_like(total, float("nan")))

@@ -35,3 +35,24 @@ def dyn(*args) -> None:
         sys.stderr.write(result.stdout + result.stderr)
         raise SystemExit(f"failed ({result.returncode}): {' '.join(cmd)}")
     print(f"  [{time.perf_counter() - start:6.1f}s] dyn {' '.join(str(a) for a in args[:2])} ...", flush=True)
+
+
+def answer_losses(model_dir, rows: list[dict], max_length: int):
+    """Each row's mean cross-entropy over its answer tokens (question + newline -> answer, laid out
+    as `dyn train` lays a row out) under the model in `model_dir`, and its count of answer tokens:
+    two numpy arrays (NaN loss where truncation left no answer token)."""
+    import torch
+
+    from dyn.core.lm import encode_prompt_response, model_row_losses, pad_token_id
+    from dyn.core.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    model.eval()
+    examples = encode_prompt_response([r["question"] + "\n" for r in rows], [r["answer"] for r in rows], tokenizer, max_length)
+    losses, counts = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), 16):
+            batch = examples.batch(range(start, min(start + 16, len(rows))), pad_token_id(tokenizer))
+            losses.append(model_row_losses(model, batch).double())
+            counts.append((batch["labels"][:, 1:] != -100).sum(dim=1))
+    return torch.cat(losses).numpy(), torch.cat(counts).numpy()

@@ -28,7 +28,7 @@ import os
 import time
 from pathlib import Path
 
-from examplelib import DATA, dyn, read_jsonl, write_jsonl
+from examplelib import DATA, answer_losses, dyn, read_jsonl, write_jsonl
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -64,27 +64,11 @@ def pearson(x: list[float], y: list[float]) -> float:
 
 
 def heldout_loss(model_dir: Path, rows: list[dict], max_length: int) -> float:
-    """Mean per-token cross-entropy over the answer tokens of `rows` (question + newline -> answer),
-    laid out as `dyn train` lays a row out."""
-    import torch
-
-    from dyn.core.lm import encode_prompt_response, pad_token_id, per_token_losses
-    from dyn.core.models import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(str(model_dir))
-    model.eval()
-    examples = encode_prompt_response([r["question"] + "\n" for r in rows], [r["answer"] for r in rows],
-                                      tokenizer, max_length)
-    keep = examples.with_response()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(keep), 16):
-            batch = examples.batch(keep[start:start + 16], pad_token_id(tokenizer))
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            losses = per_token_losses(logits, batch["labels"])
-            total += float(losses.sum())
-            count += int((batch["labels"][:, 1:] != -100).sum())
-    return total / count
+    """Mean per-token cross-entropy over the answer tokens of `rows` (every answer token weighs the
+    same, whatever its row's length)."""
+    losses, counts = answer_losses(model_dir, rows, max_length)
+    kept = counts > 0
+    return float((losses[kept] * counts[kept]).sum() / counts[kept].sum())
 
 
 def main() -> None:

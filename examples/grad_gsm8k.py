@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from examplelib import DATA, dyn, read_jsonl, write_jsonl
+from examplelib import DATA, answer_losses, dyn, read_jsonl, write_jsonl
 
 
 def corrupted_rows(rows: list[dict], fraction: float, seed: int) -> list[dict]:
@@ -36,22 +36,6 @@ def corrupted_rows(rows: list[dict], fraction: float, seed: int) -> list[dict]:
     answers = {int(i): rows[int(j)]["answer"] for i, j in zip(chosen, np.roll(chosen, -1))}
     return [{"question": r["question"], "answer": answers.get(i, r["answer"]), "corrupted": i in answers}
             for i, r in enumerate(rows)]
-
-
-def final_row_losses(run: Path, rows: list[dict], max_length: int) -> np.ndarray:
-    """Each row's mean answer-token loss under the run's final model (NaN where none is left)."""
-    import torch
-
-    from dyn.core.lm import encode_prompt_response, model_row_losses, pad_token_id
-    from dyn.core.models import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(str(run))
-    model.eval()
-    examples = encode_prompt_response([r["question"] + "\n" for r in rows], [r["answer"] for r in rows], tokenizer, max_length)
-    with torch.no_grad():
-        parts = [model_row_losses(model, examples.batch(range(i, min(i + 16, len(rows))), pad_token_id(tokenizer)))
-                 for i in range(0, len(rows), 16)]
-    return torch.cat(parts).double().numpy()
 
 
 def main() -> None:
@@ -91,7 +75,7 @@ def main() -> None:
         "--batch-size", args.batch_size, "--lr", args.lr, "--seed", args.seed, "-o", run, "--overwrite", "-q")
 
     clean = np.array([not r["corrupted"] for r in rows])
-    table = {"loss (final model, reference)": auroc(-final_row_losses(run, rows, args.max_length), clean)}
+    table = {"loss (final model, reference)": auroc(-answer_losses(run, rows, args.max_length)[0], clean)}
     for similarity in args.similarity.split(","):
         out = work / f"scores-{similarity}.jsonl"
         dyn("score", "--method", "grad", data, "--anchor", anchor, "--checkpoints", run, "--similarity", similarity,

@@ -47,7 +47,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=2000, help="GSM8K train rows (the first ones).")
     p.add_argument("--corrupt", type=float, default=0.2, help="Fraction of rows given another row's answer.")
     p.add_argument("--anchors", type=int, default=64, help="Clean GSM8K test rows as the anchor set.")
-    p.add_argument("--model", default="small", help="A preset, a config JSON or a model folder (dyn train --model).")
+    p.add_argument("--model", default=None, help="A preset, a config JSON or a model folder (dyn train --model; "
+                                                 "default small, tiny with --quick).")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE size when the model is fresh (preset or config).")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--save-every", type=int, default=100)
@@ -58,7 +59,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.quick:
-        args.rows, args.anchors, args.steps, args.save_every, args.model = 200, 16, 40, 20, "tiny"
+        args.rows, args.anchors, args.steps, args.save_every = 200, 16, 40, 20
+    args.model = args.model or ("tiny" if args.quick else "small")
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
